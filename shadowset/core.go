@@ -116,10 +116,11 @@ func (c *Core) notef(format string, args ...any) {
 	c.ready.Notes = append(c.ready.Notes, fmt.Sprintf(format, args...))
 }
 
-// openWindow opens the cluster-wide delay window unless one is open: an
-// event with delay during an earlier delay adds none.
-func (c *Core) openWindow(why string) {
-	if c.s.WindowOpen || c.s.Delay <= 0 {
+// openWindow opens the cluster-wide delay window for an event whose rows
+// say Delay Yes, unless one is open: an event with delay during an earlier
+// delay adds none.
+func (c *Core) openWindow(ev TableEvent, why string) {
+	if !rowDelay(ev) || c.s.WindowOpen || c.s.Delay <= 0 {
 		return
 	}
 	c.s.WindowOpen = true
@@ -287,7 +288,7 @@ func (c *Core) hostFailed(name string) error {
 		c.foldMerge(st, c.requiredMerge(st))
 	}
 	c.loseBitmaps(name)
-	c.openWindow("failure of " + name)
+	c.openWindow(RowFailureCommon, "failure of "+name)
 	return nil
 }
 
@@ -664,7 +665,7 @@ func (c *Core) abort(set, host string) error {
 			}
 		}
 	}
-	c.openWindow(set + " abort on " + host)
+	c.openWindow(RowAbort, set+" abort on "+host)
 	return nil
 }
 
@@ -809,7 +810,7 @@ func (c *Core) evalResources(host string) error {
 			}
 		}
 	}
-	c.openWindow("evaluate resources on " + host)
+	c.openWindow(RowEvalResources, "evaluate resources on "+host)
 	return nil
 }
 

@@ -94,7 +94,7 @@ type Event struct {
 	// Op names the op for EvProgress and EvComplete. Zero means the set's
 	// running op; a non-zero Op that is not running (anymore) on Host makes
 	// the event stale, and a stale event is ignored.
-	Op     OpID    `json:"op,omitempty"`
+	Op     OpID     `json:"op,omitempty"`
 	Spec   *SetSpec `json:"spec,omitempty"`
 	OpSpec *OpSpec  `json:"op_spec,omitempty"`
 }

@@ -179,13 +179,11 @@ func (c *Core) head(st *setState) *opState {
 	if len(st.Mounted) == 0 || st.running() != nil {
 		return nil
 	}
-	for _, op := range st.queue() {
-		if op.State == Pending {
-			return op
-		}
+	q := st.queue()
+	if len(q) == 0 || q[0].State != Pending {
 		return nil // a canceled or suspended op at the head holds the queue
 	}
-	return nil
+	return q[0]
 }
 
 // chooseHost picks the eligible host with the highest priority for the
@@ -193,11 +191,9 @@ func (c *Core) head(st *setState) *opState {
 // A restarted op prefers its own host; a suspended one may use no other.
 func (c *Core) chooseHost(st *setState, op *opState) string {
 	if op.Affinity == onlyLast && !(c.s.alive(op.LastHost) && st.mountedOn(op.LastHost)) {
-		// Its host is gone: it restarts at LBN 0 elsewhere.
+		// Its host is gone: it restarts elsewhere. It is already at LBN 0,
+		// because a suspended op always resumes by restarting.
 		op.Affinity = anyHost
-		if op.LBN != 0 {
-			op.LBN, op.StartMode = 0, WordRestarted
-		}
 	}
 	var cands []string
 	for _, h := range st.sortedMounted() {

@@ -68,13 +68,13 @@ type bitmapState struct {
 }
 
 type setState struct {
-	Name       string         `json:"name"`
-	Members    []memberState  `json:"members"`
-	Mounted    []string       `json:"mounted,omitempty"`
-	HBMM       []string       `json:"hbmm,omitempty"`
-	Controller bool           `json:"controller,omitempty"`
-	Bitmaps    []bitmapState  `json:"bitmaps,omitempty"`
-	Ops        []*opState     `json:"ops,omitempty"`
+	Name       string        `json:"name"`
+	Members    []memberState `json:"members"`
+	Mounted    []string      `json:"mounted,omitempty"`
+	HBMM       []string      `json:"hbmm,omitempty"`
+	Controller bool          `json:"controller,omitempty"`
+	Bitmaps    []bitmapState `json:"bitmaps,omitempty"`
+	Ops        []*opState    `json:"ops,omitempty"`
 }
 
 type opState struct {
@@ -315,10 +315,6 @@ func (st *setState) queue() []*opState {
 
 func (st *setState) removeOp(id OpID) {
 	st.Ops = slices.DeleteFunc(st.Ops, func(o *opState) bool { return o.ID == id })
-}
-
-func (op *opState) underway() bool {
-	return op.State == Running || op.State == Suspended || op.State == Canceled
 }
 
 // stronger merges two pending resume outcomes: a restart wins over a

@@ -4,17 +4,33 @@
 package main
 
 import (
+	"errors"
 	"fmt"
+	"io"
 	"os"
 
 	"github.com/urfave/cli/v2"
 )
 
 func main() {
-	if err := newApp().Run(os.Args); err != nil {
-		fmt.Fprintln(os.Stderr, "shadow:", err)
-		os.Exit(1)
+	os.Exit(run(os.Args, os.Stdout, os.Stderr))
+}
+
+// run executes the CLI and returns the process exit code, so tests can
+// drive the whole binary in-process.
+func run(args []string, stdout, stderr io.Writer) int {
+	app := newApp()
+	app.Writer, app.ErrWriter = stdout, stderr
+	err := app.Run(args)
+	if err == nil {
+		return 0
 	}
+	fmt.Fprintln(stderr, "shadow:", err)
+	var ec cli.ExitCoder
+	if errors.As(err, &ec) && ec.ExitCode() != 0 {
+		return ec.ExitCode()
+	}
+	return 1
 }
 
 func newApp() *cli.App {
@@ -25,5 +41,7 @@ func newApp() *cli.App {
 			replayCommand(),
 		},
 		HideHelpCommand: true,
+		// Exit codes are decided in run, never by os.Exit deep inside.
+		ExitErrHandler: func(*cli.Context, error) {},
 	}
 }

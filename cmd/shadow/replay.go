@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 
 	"github.com/shadow-project/shadow/shadowset"
@@ -49,17 +50,12 @@ func replayFile(cc *cli.Context, file string) error {
 		return err
 	}
 	defer f.Close()
-	var trace *os.File
+	var trace io.Writer
 	if cc.Bool("verbose") {
-		trace = os.Stdout
+		trace = cc.App.Writer
 		fmt.Fprintf(trace, "== %s\n", file)
 	}
-	if trace != nil {
-		err = replay.RunScript(file, f, trace)
-	} else {
-		err = replay.RunScript(file, f, nil)
-	}
-	if err != nil {
+	if err := replay.RunScript(file, f, trace); err != nil {
 		return err
 	}
 	fmt.Fprintf(cc.App.Writer, "%s: ok\n", file)

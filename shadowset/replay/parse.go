@@ -69,7 +69,7 @@ func Parse(file string, r io.Reader) ([]Directive, error) {
 		n++
 		d, ok, err := ParseLine(sc.Text())
 		if err != nil {
-			return nil, fmt.Errorf("%s:%d: %w", file, n, err)
+			return nil, fmt.Errorf("%s:%d: %s: %w", file, n, strings.TrimSpace(sc.Text()), err)
 		}
 		if !ok {
 			continue
