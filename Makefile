@@ -29,9 +29,9 @@ lint: ## go vet, staticcheck (through go tool) and gofmt
 	  if [ -n "$$out" ]; then echo "gofmt would change: $$out"; exit 1; fi
 
 fuzz: ## run each fuzz target for FUZZTIME (default 30s)
-	$(GO) test ./shadowset -run '^$$' -fuzz '^FuzzStep$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./shadowset -run '^$$' -fuzz '^FuzzRestore$$' -fuzztime $(FUZZTIME)
-	$(GO) test ./shadowset/replay -run '^$$' -fuzz '^FuzzParseLine$$' -fuzztime $(FUZZTIME)
+	$(GO) test ./shadowset -run '^$$' -fuzz '^FuzzStep$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./shadowset -run '^$$' -fuzz '^FuzzRestore$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./shadowset/replay -run '^$$' -fuzz '^FuzzParseLine$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 
 cover: ## coverage report in coverage.out, summary on stdout
 	$(GO) test -count=1 -coverprofile=coverage.out ./...
