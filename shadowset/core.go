@@ -624,6 +624,7 @@ func (c *Core) dismount(set, host string) error {
 			c.apply(st, op, lookup(RowDismount, FocusDismounted, op.Kind), ctx)
 		}
 	}
+	c.applyOthers(st, RowDismount, st.sortedMounted(), ctx)
 	return nil
 }
 
@@ -655,18 +656,25 @@ func (c *Core) abort(set, host string) error {
 		}
 	}
 	c.foldMerge(st, c.requiredMerge(st))
+	c.applyOthers(st, RowAbort, sharers, ctx)
+	c.openWindow(RowAbort, set+" abort on "+host)
+	return nil
+}
+
+// applyOthers applies an event's "All other SSs" cells to the ops of the
+// other sets that are underway on one of the given hosts ("this system":
+// a host that sees the event because it has the focused set mounted).
+func (c *Core) applyOthers(focused *setState, ev TableEvent, hosts []string, ctx outcomeCtx) {
 	for _, other := range c.s.setsByName() {
-		if other == st {
+		if other == focused {
 			continue
 		}
 		for _, op := range other.opsByID() {
-			if op.Host != "" && slices.Contains(sharers, op.Host) {
-				c.apply(other, op, lookup(RowAbort, FocusOthers, op.Kind), ctx)
+			if op.Host != "" && slices.Contains(hosts, op.Host) {
+				c.apply(other, op, lookup(ev, FocusOthers, op.Kind), ctx)
 			}
 		}
 	}
-	c.openWindow(RowAbort, set+" abort on "+host)
-	return nil
 }
 
 // ---- members
@@ -700,6 +708,7 @@ func (c *Core) addMember(set, member string) error {
 	for _, prior := range st.opsByID() {
 		c.apply(st, prior, lookup(RowMemberAdded, FocusSpecified, prior.Kind), outcomeCtx{reason: member + " added"})
 	}
+	c.applyOthers(st, RowMemberAdded, st.sortedMounted(), outcomeCtx{reason: member + " added"})
 	c.s.NextOp++
 	st.Members = append(st.Members, memberState{Name: member, Role: CopyTarget})
 	st.Ops = append(st.Ops, op)
@@ -793,6 +802,7 @@ func (c *Core) demandMerge(set string) error {
 		c.apply(st, op, lookup(RowDemandMerge, focus, op.Kind), outcomeCtx{reason: "demand merge"})
 	}
 	c.foldMerge(st, work)
+	c.applyOthers(st, RowDemandMerge, st.sortedMounted(), outcomeCtx{reason: "demand merge of " + set})
 	return nil
 }
 

@@ -56,8 +56,10 @@ func (c *Core) apply(st *setState, op *opState, e Entry, ctx outcomeCtx) {
 			c.emit(Action{Kind: ActSuspend, Op: op.ID, Set: st.Name, OpKind: op.Kind, Host: op.Host, LBN: op.LBN, Target: op.Target, Reason: ctx.reason})
 			op.State = Suspended
 			op.History = append(op.History, WordSuspended)
+			op.Resume = WordRestarted
+		} else if op.Started {
+			op.Resume = stronger(op.Resume, WordRestarted)
 		}
-		op.Resume = WordRestarted
 	}
 }
 
@@ -70,10 +72,17 @@ func (c *Core) stopAction(st *setState, op *opState, reason string) {
 // continued or restarted on any eligible host.
 func (c *Core) cancel(st *setState, op *opState, then Word, reason string) {
 	switch op.State {
-	case Running:
-		c.stopAction(st, op, "canceled: "+reason)
-		fallthrough
 	case Suspended:
+		if c.holdsSuspended(st, op) {
+			// Bound to its host, which is still there: nothing to cancel.
+			op.Resume = stronger(op.Resume, then)
+			return
+		}
+		fallthrough
+	case Running:
+		if op.State == Running {
+			c.stopAction(st, op, "canceled: "+reason)
+		}
 		op.LastHost, op.Host = op.Host, ""
 		op.State = Canceled
 		op.History = append(op.History, WordCanceled)
@@ -90,11 +99,22 @@ func (c *Core) cancel(st *setState, op *opState, then Word, reason string) {
 	}
 }
 
+// holdsSuspended reports whether a suspended op's host still has its set
+// mounted: then the op stays bound there ("may be resumed only on the
+// system where it was active"), whatever other events say of it.
+func (c *Core) holdsSuspended(st *setState, op *opState) bool {
+	return c.s.alive(op.Host) && st.mountedOn(op.Host)
+}
+
 // stop applies "Continued" and "Restarted" (no cancel): a running op stops
 // on its host and is resumed as soon as no delay window holds it back.
 func (c *Core) stop(st *setState, op *opState, then Word, aff affinity, reason string) {
 	switch op.State {
 	case Running, Suspended:
+		if op.State == Suspended && c.holdsSuspended(st, op) {
+			op.Resume = stronger(op.Resume, then)
+			return
+		}
 		if op.State == Running {
 			c.stopAction(st, op, reason)
 		}
