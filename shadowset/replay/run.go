@@ -135,11 +135,20 @@ func (r *Runner) check(x *Expect) error {
 	return nil
 }
 
+// whereOp is the host an expect's on= speaks of: where the op runs or is
+// suspended, or, for a canceled op, where it was canceled.
+func whereOp(op shadowset.OpView) string {
+	if op.Host == "" && op.State == shadowset.Canceled {
+		return op.LastHost
+	}
+	return op.Host
+}
+
 func matchOp(x *Expect, op shadowset.OpView) bool {
 	switch {
 	case x.Kind != 0 && op.Kind != x.Kind,
 		x.State != 0 && op.State != x.State,
-		x.On != "" && op.Host != x.On,
+		x.On != "" && whereOp(op) != x.On,
 		x.HasLBN && op.LBN != x.LBN,
 		x.Target != "" && op.Target != x.Target,
 		x.HasHistory && !slices.Equal(op.History, x.History),
@@ -164,8 +173,8 @@ func kindList(ks []shadowset.OpKind) string {
 func DescribeOp(op shadowset.OpView) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "op%d %s %s", op.ID, op.Kind, op.State)
-	if op.Host != "" {
-		fmt.Fprintf(&b, " on=%s", op.Host)
+	if h := whereOp(op); h != "" {
+		fmt.Fprintf(&b, " on=%s", h)
 	}
 	fmt.Fprintf(&b, " lbn=%d", op.LBN)
 	if op.Target != "" {
