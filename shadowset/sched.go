@@ -71,32 +71,48 @@ func (c *Core) stopAction(st *setState, op *opState, reason string) {
 // its checkpoint) and waits for the delay window; afterwards it is
 // continued or restarted on any eligible host.
 func (c *Core) cancel(st *setState, op *opState, then Word, reason string) {
+	c.halt(st, op, then, anyHost, true, "canceled: "+reason)
+}
+
+// stop applies "Continued" and "Restarted" (no cancel): a running op stops
+// on its host and is resumed as soon as no delay window holds it back.
+func (c *Core) stop(st *setState, op *opState, then Word, aff affinity, reason string) {
+	c.halt(st, op, then, aff, false, reason)
+}
+
+// halt stops an op for an outcome whose second half (then: restart or
+// continue) waits for the delay window. aff says where it may resume;
+// canceled records the cancel in its history.
+func (c *Core) halt(st *setState, op *opState, then Word, aff affinity, canceled bool, reason string) {
 	switch op.State {
+	case Running:
+		c.stopAction(st, op, reason)
 	case Suspended:
 		if c.holdsSuspended(st, op) {
-			// Bound to its host, which is still there: nothing to cancel.
 			op.Resume = stronger(op.Resume, then)
 			return
 		}
-		fallthrough
-	case Running:
-		if op.State == Running {
-			c.stopAction(st, op, "canceled: "+reason)
-		}
-		op.LastHost, op.Host = op.Host, ""
-		op.State = Canceled
-		op.History = append(op.History, WordCanceled)
-		op.Affinity = anyHost
-		op.Resume = stronger(op.Resume, then)
 	case Canceled:
 		op.Resume = stronger(op.Resume, then)
+		return
 	case Pending:
 		// Waiting its turn: nothing to stop. A restart still resets it,
 		// since new work may lie below its checkpoint.
 		if then == WordRestarted && op.Started {
 			op.Resume = WordRestarted
+			if op.Affinity != onlyLast {
+				op.Affinity = aff
+			}
 		}
+		return
 	}
+	op.LastHost, op.Host = op.Host, ""
+	op.State = Canceled
+	if canceled {
+		op.History = append(op.History, WordCanceled)
+	}
+	op.Affinity = aff
+	op.Resume = stronger(op.Resume, then)
 }
 
 // holdsSuspended reports whether a suspended op's host still has its set
@@ -104,35 +120,6 @@ func (c *Core) cancel(st *setState, op *opState, then Word, reason string) {
 // system where it was active"), whatever other events say of it.
 func (c *Core) holdsSuspended(st *setState, op *opState) bool {
 	return c.s.alive(op.Host) && st.mountedOn(op.Host)
-}
-
-// stop applies "Continued" and "Restarted" (no cancel): a running op stops
-// on its host and is resumed as soon as no delay window holds it back.
-func (c *Core) stop(st *setState, op *opState, then Word, aff affinity, reason string) {
-	switch op.State {
-	case Running, Suspended:
-		if op.State == Suspended && c.holdsSuspended(st, op) {
-			op.Resume = stronger(op.Resume, then)
-			return
-		}
-		if op.State == Running {
-			c.stopAction(st, op, reason)
-		}
-		op.LastHost, op.Host = op.Host, ""
-		op.State = Canceled
-		op.Affinity = aff
-		op.Resume = stronger(op.Resume, then)
-	case Canceled:
-		op.Resume = stronger(op.Resume, then)
-	case Pending:
-		// Waiting its turn: nothing to stop; a restart still resets it.
-		if then == WordRestarted && op.Started {
-			op.Resume = WordRestarted
-			if op.Affinity != onlyLast {
-				op.Affinity = aff
-			}
-		}
-	}
 }
 
 // resolve applies the outcomes that waited for the delay window: each

@@ -1,6 +1,7 @@
 package shadowset
 
 import (
+	"cmp"
 	"slices"
 	"time"
 )
@@ -189,15 +190,7 @@ func (s *state) runningOn(host string) int {
 }
 
 // compareNames orders names in byte order, the host-choice tie-break.
-func compareNames(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
-}
+func compareNames(a, b string) int { return cmp.Compare(a, b) }
 
 func (st *setState) mountedOn(host string) bool { return slices.Contains(st.Mounted, host) }
 
@@ -269,18 +262,8 @@ func (st *setState) dropBitmap(member string) {
 // opsByID returns the set's ops in the order they became required.
 func (st *setState) opsByID() []*opState {
 	out := slices.Clone(st.Ops)
-	slices.SortFunc(out, func(a, b *opState) int { return cmpID(a.ID, b.ID) })
+	slices.SortFunc(out, func(a, b *opState) int { return cmp.Compare(a.ID, b.ID) })
 	return out
-}
-
-func cmpID(a, b OpID) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // queueClass orders waiting ops: a pending minimerge runs before pending
