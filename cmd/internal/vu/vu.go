@@ -1,0 +1,523 @@
+// Package vu owns the virtual unit's I/O engine: it turns one block
+// request on a shadow set into I/O on its members. Writes go to every full
+// member and copy target and complete when all have; overlapping requests
+// are ordered by a range lock shared with the merge and copy engines; reads
+// go to the full member with the lowest read cost plus queue depth; while a
+// merge is required, a read of a block the merge has not reached yet is
+// served from the merge master and written to the other members first, so
+// two reads of one block never disagree. A member whose write or flush
+// fails is expelled (through the Expel callback, which makes the removal
+// durable) before the request is acknowledged; the last full member is
+// never expelled: the request fails instead.
+//
+// The engine decides nothing about merges and copies: the agent tells it
+// which members exist in which role and which merge work is pending, as
+// the shadowset core decided.
+package vu
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/rs/zerolog"
+)
+
+// Device is what the engine needs of a member.
+type Device interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	Flush() error
+	Zero(off, length int64) error
+	Path() string
+}
+
+// Role of a member in the engine.
+type Role uint8
+
+const (
+	// Full members hold valid data and serve reads.
+	Full Role = iota + 1
+	// CopyTarget members receive every write but serve no read.
+	CopyTarget
+)
+
+func (r Role) String() string {
+	if r == CopyTarget {
+		return "copy-target"
+	}
+	return "full"
+}
+
+// Errors callers test for.
+var (
+	// ErrRange: the request lies outside the volume. It wraps EINVAL so
+	// the NBD server answers with the protocol's error.
+	ErrRange = fmt.Errorf("vu: request out of range: %w", syscall.EINVAL)
+	// ErrNoMember: no full member could serve the request.
+	ErrNoMember = fmt.Errorf("vu: no full member left: %w", syscall.EIO)
+	// ErrUnknownMember: a management call named a member the VU lacks.
+	ErrUnknownMember = errors.New("vu: unknown member")
+)
+
+// DefaultReadCost is a member's read cost unless set (OpenVMS: 1–65535).
+const DefaultReadCost = 100
+
+// member is one device in the set. inflight is its queue depth, added to
+// the read cost when choosing where to read.
+type member struct {
+	dev      Device
+	role     Role
+	readCost int
+	inflight atomic.Int64
+}
+
+// MemberSpec describes a member at construction.
+type MemberSpec struct {
+	Dev      Device
+	Role     Role
+	ReadCost int
+}
+
+// MemberInfo is a snapshot of a member for display.
+type MemberInfo struct {
+	Path     string
+	Role     Role
+	ReadCost int
+	Inflight int64
+}
+
+// MergeWork says which bytes a required merge has not reached yet.
+type MergeWork interface {
+	Pending(off, n int64) bool
+}
+
+// Config builds a VU.
+type Config struct {
+	Name    string
+	Size    int64
+	Members []MemberSpec
+	// Expel removes a failed member durably (cluster-wide, on the
+	// survivors' metadata) and returns only when that is done; the failing
+	// request is acknowledged after it. An error keeps the member and
+	// fails the request.
+	Expel  func(path string, cause error) error
+	Logger zerolog.Logger
+}
+
+// VU is one virtual unit. All methods are safe for concurrent use.
+type VU struct {
+	name  string
+	size  int64
+	locks RangeLock
+	expel func(string, error) error
+	log   zerolog.Logger
+
+	mu      sync.RWMutex
+	members []*member
+	merge   MergeWork
+	master  string
+}
+
+// New builds a VU over its members.
+func New(cfg Config) (*VU, error) {
+	if cfg.Size <= 0 {
+		return nil, fmt.Errorf("vu %s: size %d is not positive", cfg.Name, cfg.Size)
+	}
+	v := &VU{name: cfg.Name, size: cfg.Size, expel: cfg.Expel, log: cfg.Logger}
+	full := 0
+	for _, s := range cfg.Members {
+		if err := v.addMember(s); err != nil {
+			return nil, err
+		}
+		if s.Role == Full {
+			full++
+		}
+	}
+	if full == 0 {
+		return nil, fmt.Errorf("vu %s: no full member", cfg.Name)
+	}
+	return v, nil
+}
+
+func (v *VU) addMember(s MemberSpec) error {
+	for _, m := range v.members {
+		if m.dev.Path() == s.Dev.Path() {
+			return fmt.Errorf("vu %s: %s is already a member", v.name, s.Dev.Path())
+		}
+	}
+	cost := s.ReadCost
+	if cost <= 0 {
+		cost = DefaultReadCost
+	}
+	role := s.Role
+	if role == 0 {
+		role = Full
+	}
+	v.members = append(v.members, &member{dev: s.Dev, role: role, readCost: cost})
+	return nil
+}
+
+// Name is the VU name (DSAn).
+func (v *VU) Name() string { return v.name }
+
+// Size is the volume size in bytes.
+func (v *VU) Size() int64 { return v.size }
+
+// Lock takes the range lock; the merge and copy engines hold it around
+// each chunk they move.
+func (v *VU) Lock(off, n int64) func() { return v.locks.Lock(off, n) }
+
+// AddMember adds a member (a new copy target, usually).
+func (v *VU) AddMember(s MemberSpec) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	return v.addMember(s)
+}
+
+// RemoveMember drops a member from the I/O path. Writes in flight to it
+// finish first: removal waits for a write lock on the member list.
+func (v *VU) RemoveMember(path string) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for i, m := range v.members {
+		if m.dev.Path() == path {
+			if m.role == Full && v.fullLocked() == 1 {
+				return fmt.Errorf("vu %s: %s is the last full member", v.name, path)
+			}
+			v.members = append(v.members[:i], v.members[i+1:]...)
+			return nil
+		}
+	}
+	return fmt.Errorf("%w %s", ErrUnknownMember, path)
+}
+
+// SetRole changes a member's role (a completed copy makes its target full).
+func (v *VU) SetRole(path string, r Role) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	m := v.find(path)
+	if m == nil {
+		return fmt.Errorf("%w %s", ErrUnknownMember, path)
+	}
+	if m.role == Full && r != Full && v.fullLocked() == 1 {
+		return fmt.Errorf("vu %s: %s is the last full member", v.name, path)
+	}
+	m.role = r
+	return nil
+}
+
+// SetReadCost sets a member's read cost (0 restores the default).
+func (v *VU) SetReadCost(path string, cost int) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	m := v.find(path)
+	if m == nil {
+		return fmt.Errorf("%w %s", ErrUnknownMember, path)
+	}
+	if cost <= 0 {
+		cost = DefaultReadCost
+	}
+	m.readCost = cost
+	return nil
+}
+
+// SetMerge declares the pending work of a required merge and its master
+// member; nil clears it when the merge completes.
+func (v *VU) SetMerge(w MergeWork, master string) {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	v.merge, v.master = w, master
+}
+
+// Members returns the members in order.
+func (v *VU) Members() []MemberInfo {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	out := make([]MemberInfo, 0, len(v.members))
+	for _, m := range v.members {
+		out = append(out, MemberInfo{Path: m.dev.Path(), Role: m.role, ReadCost: m.readCost, Inflight: m.inflight.Load()})
+	}
+	return out
+}
+
+// Device returns a member's device (for the engines).
+func (v *VU) Device(path string) (Device, Role, bool) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	m := v.find(path)
+	if m == nil {
+		return nil, 0, false
+	}
+	return m.dev, m.role, true
+}
+
+func (v *VU) find(path string) *member {
+	for _, m := range v.members {
+		if m.dev.Path() == path {
+			return m
+		}
+	}
+	return nil
+}
+
+func (v *VU) fullLocked() int {
+	n := 0
+	for _, m := range v.members {
+		if m.role == Full {
+			n++
+		}
+	}
+	return n
+}
+
+func (v *VU) check(off int64, n int64) error {
+	if off < 0 || n < 0 || off > v.size || n > v.size-off {
+		return fmt.Errorf("%w: [%d, +%d) on %s of %d bytes", ErrRange, off, n, v.name, v.size)
+	}
+	return nil
+}
+
+// ---- writes
+
+// WriteAt writes p to every full member and copy target.
+func (v *VU) WriteAt(p []byte, off int64, fua bool) error {
+	if err := v.check(off, int64(len(p))); err != nil {
+		return err
+	}
+	unlock := v.locks.Lock(off, int64(len(p)))
+	defer unlock()
+	return v.everyMember("write", func(d Device) error {
+		if _, err := d.WriteAt(p, off); err != nil {
+			return err
+		}
+		if fua {
+			return d.Flush()
+		}
+		return nil
+	})
+}
+
+// Zero makes [off, off+n) read as zeroes on every member (TRIM and
+// WRITE_ZEROES both end here: a trimmed block must not read differently
+// from one member to the next).
+func (v *VU) Zero(off, n int64, fua bool) error {
+	if err := v.check(off, n); err != nil {
+		return err
+	}
+	unlock := v.locks.Lock(off, n)
+	defer unlock()
+	return v.everyMember("zero", func(d Device) error {
+		if err := d.Zero(off, n); err != nil {
+			return err
+		}
+		if fua {
+			return d.Flush()
+		}
+		return nil
+	})
+}
+
+// Trim discards a range; it reads as zeroes afterwards on every member.
+func (v *VU) Trim(off, n int64) error { return v.Zero(off, n, false) }
+
+// Flush makes every acknowledged write durable on every member.
+func (v *VU) Flush() error {
+	return v.everyMember("flush", func(d Device) error { return d.Flush() })
+}
+
+// everyMember runs op on every full member and copy target at once, then
+// expels the members it failed on, unless that would leave no full member
+// with the data: then the request fails and nobody is expelled.
+func (v *VU) everyMember(what string, op func(Device) error) error {
+	v.mu.RLock()
+	ms := append([]*member(nil), v.members...)
+	v.mu.RUnlock()
+	errs := make([]error, len(ms))
+	var wg sync.WaitGroup
+	for i, m := range ms[1:] {
+		wg.Go(func() {
+			m.inflight.Add(1)
+			errs[i+1] = op(m.dev)
+			m.inflight.Add(-1)
+		})
+	}
+	ms[0].inflight.Add(1)
+	errs[0] = op(ms[0].dev)
+	ms[0].inflight.Add(-1)
+	wg.Wait()
+
+	fullOK := 0
+	var failed []int
+	for i, m := range ms {
+		if errs[i] != nil {
+			failed = append(failed, i)
+		} else if m.role == Full {
+			fullOK++
+		}
+	}
+	if len(failed) == 0 {
+		return nil
+	}
+	if fullOK == 0 {
+		err := errors.Join(errs...)
+		v.log.Error().Str("vu", v.name).Str("op", what).Err(err).Msg("no full member completed the request; it fails and no member is expelled")
+		return fmt.Errorf("vu %s: %s failed on every full member: %w", v.name, what, errors.Join(ErrNoMember, err))
+	}
+	for _, i := range failed {
+		if err := v.expelMember(ms[i], fmt.Errorf("%s: %w", what, errs[i])); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// expelMember removes a failed member before the failing request is
+// acknowledged.
+func (v *VU) expelMember(m *member, cause error) error {
+	path := m.dev.Path()
+	v.log.Warn().Str("vu", v.name).Str("member", path).Err(cause).Msg("expelling member after an I/O error")
+	if v.expel != nil {
+		if err := v.expel(path, cause); err != nil {
+			return fmt.Errorf("vu %s: expel %s: %w (after %v)", v.name, path, err, cause)
+		}
+	}
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	for i, x := range v.members {
+		if x == m {
+			v.members = append(v.members[:i], v.members[i+1:]...)
+			break
+		}
+	}
+	return nil
+}
+
+// ---- reads
+
+// ReadAt fills p from the volume.
+func (v *VU) ReadAt(p []byte, off int64) error {
+	if err := v.check(off, int64(len(p))); err != nil {
+		return err
+	}
+	v.mu.RLock()
+	merge, master := v.merge, v.master
+	v.mu.RUnlock()
+	if merge != nil && merge.Pending(off, int64(len(p))) {
+		return v.mergeRead(p, off, master)
+	}
+	tried := map[*member]bool{}
+	var firstErr error
+	var bad []*member
+	for {
+		m := v.pickReader(tried)
+		if m == nil {
+			if firstErr == nil {
+				firstErr = ErrNoMember
+			}
+			return fmt.Errorf("vu %s: read [%d, +%d): %w", v.name, off, len(p), errors.Join(ErrNoMember, firstErr))
+		}
+		tried[m] = true
+		m.inflight.Add(1)
+		_, err := m.dev.ReadAt(p, off)
+		m.inflight.Add(-1)
+		if err == nil {
+			for _, b := range bad {
+				v.repair(b, p, off)
+			}
+			return nil
+		}
+		v.log.Warn().Str("vu", v.name).Str("member", m.dev.Path()).Int64("off", off).Int("len", len(p)).Err(err).Msg("read error; trying another member")
+		if firstErr == nil {
+			firstErr = err
+		}
+		bad = append(bad, m)
+	}
+}
+
+// pickReader returns the untried full member with the lowest read cost
+// plus queue depth; ties go to the earlier member.
+func (v *VU) pickReader(tried map[*member]bool) *member {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	var best *member
+	var bestScore int64
+	for _, m := range v.members {
+		if m.role != Full || tried[m] {
+			continue
+		}
+		score := int64(m.readCost) + m.inflight.Load()
+		if best == nil || score < bestScore {
+			best, bestScore = m, score
+		}
+	}
+	return best
+}
+
+// repair rewrites a block that failed to read on m with good data from
+// another member, as md does; if that write fails, m is expelled.
+func (v *VU) repair(m *member, good []byte, off int64) {
+	unlock := v.locks.Lock(off, int64(len(good)))
+	defer unlock()
+	// Re-read under the lock: a write may have landed since the read.
+	fresh := make([]byte, len(good))
+	src := v.pickReader(map[*member]bool{m: true})
+	if src == nil {
+		return
+	}
+	if _, err := src.dev.ReadAt(fresh, off); err != nil {
+		return
+	}
+	if _, err := m.dev.WriteAt(fresh, off); err != nil {
+		_ = v.expelMember(m, fmt.Errorf("repair write after a read error: %w", err))
+		return
+	}
+	v.log.Info().Str("vu", v.name).Str("member", m.dev.Path()).Int64("off", off).Int("len", len(good)).Msg("repaired a read error from another member")
+}
+
+// mergeRead serves a read the merge has not reached: under the range lock,
+// read the merge master and write what it holds to every other member, so
+// that any later read, from any member, returns the same data.
+func (v *VU) mergeRead(p []byte, off int64, master string) error {
+	unlock := v.locks.Lock(off, int64(len(p)))
+	defer unlock()
+	v.mu.RLock()
+	src := v.find(master)
+	if src == nil || src.role != Full {
+		src = nil
+		for _, m := range v.members {
+			if m.role == Full {
+				src = m
+				break
+			}
+		}
+	}
+	others := make([]*member, 0, len(v.members))
+	for _, m := range v.members {
+		if m != src {
+			others = append(others, m)
+		}
+	}
+	v.mu.RUnlock()
+	if src == nil {
+		return ErrNoMember
+	}
+	src.inflight.Add(1)
+	_, err := src.dev.ReadAt(p, off)
+	src.inflight.Add(-1)
+	if err != nil {
+		return fmt.Errorf("vu %s: merge-time read from master %s: %w", v.name, src.dev.Path(), err)
+	}
+	for _, m := range others {
+		// The master read succeeded, so expelling a member that cannot
+		// take its data never removes the last good copy.
+		if _, err := m.dev.WriteAt(p, off); err != nil {
+			if xerr := v.expelMember(m, fmt.Errorf("merge-time write: %w", err)); xerr != nil {
+				return xerr
+			}
+		}
+	}
+	return nil
+}
