@@ -1,0 +1,127 @@
+// Package walk owns the loop that merges and copies share: visit the
+// volume in LBN order from a checkpoint, one chunk at a time under the VU's
+// range lock, flush the members written before recording a checkpoint,
+// throttle between a minimum and a maximum rate (the minimum while
+// application I/O is busy, like md's speed_limit_min/max), and stop
+// promptly on cancel.
+package walk
+
+import (
+	"context"
+	"fmt"
+	"time"
+)
+
+// SectorSize is the unit of LBNs.
+const SectorSize = 512
+
+// Defaults.
+const (
+	DefaultChunk           = 1 << 20
+	DefaultCheckpointEvery = 64 << 20
+)
+
+// Config is one walk.
+type Config struct {
+	// Size of the volume in bytes; Start the byte offset to resume from
+	// (a checkpoint LBN times SectorSize).
+	Size, Start int64
+	// Chunk is the bytes moved per step (default 1 MiB).
+	Chunk int64
+	// Lock takes the VU's range lock for one chunk.
+	Lock func(off, n int64) (unlock func())
+	// Want, if set, skips chunks with no work (a minimerge or minicopy
+	// walks only its bitmap's chunks).
+	Want func(off, n int64) bool
+	// Step does the chunk's work, under the lock.
+	Step func(off, n int64) error
+	// Flush makes every Step so far durable on the members written.
+	Flush func() error
+	// Progress reports a checkpoint: everything below byte offset done is
+	// done and durable. Called after Flush, every CheckpointEvery bytes
+	// and once at the end with Size.
+	Progress        func(done int64)
+	CheckpointEvery int64
+	// MinRate and MaxRate bound the speed in bytes per second (0: no
+	// bound); Busy says application I/O is active, which selects MinRate.
+	MinRate, MaxRate int64
+	Busy             func() bool
+}
+
+// Run walks from Start to Size. On cancel it returns the context's error
+// without recording a checkpoint for chunks not yet flushed.
+func Run(ctx context.Context, c Config) error {
+	if c.Chunk <= 0 {
+		c.Chunk = DefaultChunk
+	}
+	if c.CheckpointEvery <= 0 {
+		c.CheckpointEvery = DefaultCheckpointEvery
+	}
+	if c.Start < 0 || c.Start > c.Size {
+		return fmt.Errorf("walk: start %d outside volume of %d bytes", c.Start, c.Size)
+	}
+	began, moved := time.Now(), int64(0)
+	sinceCheckpoint := int64(0)
+	for off := c.Start; off < c.Size; off += c.Chunk {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := min(c.Chunk, c.Size-off)
+		if c.Want == nil || c.Want(off, n) {
+			unlock := c.Lock(off, n)
+			err := c.Step(off, n)
+			unlock()
+			if err != nil {
+				return fmt.Errorf("walk: chunk at %d: %w", off, err)
+			}
+			moved += n
+			if err := throttle(ctx, c, began, moved); err != nil {
+				return err
+			}
+		}
+		sinceCheckpoint += n
+		if sinceCheckpoint >= c.CheckpointEvery && off+n < c.Size {
+			if err := checkpoint(c, off+n); err != nil {
+				return err
+			}
+			sinceCheckpoint = 0
+		}
+	}
+	return checkpoint(c, c.Size)
+}
+
+func checkpoint(c Config, done int64) error {
+	if c.Flush != nil {
+		if err := c.Flush(); err != nil {
+			return fmt.Errorf("walk: flush before checkpoint %d: %w", done, err)
+		}
+	}
+	if c.Progress != nil {
+		c.Progress(done)
+	}
+	return nil
+}
+
+// throttle sleeps when the walk runs ahead of its allowed rate.
+func throttle(ctx context.Context, c Config, began time.Time, moved int64) error {
+	rate := c.MaxRate
+	if c.Busy != nil && c.Busy() && c.MinRate > 0 {
+		rate = c.MinRate
+	}
+	if rate <= 0 {
+		return nil
+	}
+	due := time.Duration(float64(moved) / float64(rate) * float64(time.Second))
+	wait := due - time.Since(began)
+	if wait <= 0 {
+		return nil
+	}
+	t := time.NewTimer(wait)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
