@@ -840,7 +840,7 @@ func (c *Core) findRunning(ev Event) (*setState, *opState, bool, error) {
 	}
 	for _, op := range st.Ops {
 		if op.ID == ev.Op {
-			if op.State != Running || (ev.Host != "" && op.Host != ev.Host) {
+			if op.State != Running || (ev.Host != "" && op.Host != ev.Host) || (ev.Attempt != 0 && ev.Attempt != op.Attempt) {
 				return st, op, true, nil
 			}
 			return st, op, false, nil

@@ -94,9 +94,12 @@ type Event struct {
 	// Op names the op for EvProgress and EvComplete. Zero means the set's
 	// running op; a non-zero Op that is not running (anymore) on Host makes
 	// the event stale, and a stale event is ignored.
-	Op     OpID     `json:"op,omitempty"`
-	Spec   *SetSpec `json:"spec,omitempty"`
-	OpSpec *OpSpec  `json:"op_spec,omitempty"`
+	Op OpID `json:"op,omitempty"`
+	// Attempt, with Op, names the run a report comes from (ActStart's
+	// Attempt); a report from an earlier run of the op is stale.
+	Attempt uint64   `json:"attempt,omitempty"`
+	Spec    *SetSpec `json:"spec,omitempty"`
+	OpSpec  *OpSpec  `json:"op_spec,omitempty"`
 }
 
 // SetSpec defines a set.

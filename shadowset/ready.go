@@ -49,6 +49,9 @@ type Action struct {
 	Reason string
 	// At for ActTimer.
 	At time.Duration
+	// Attempt for ActStart: progress and completion reports of this run
+	// carry it back.
+	Attempt uint64
 }
 
 func (a Action) String() string {

@@ -245,7 +245,8 @@ func (c *Core) eligible(st *setState, op *opState, host string) bool {
 
 func (c *Core) start(st *setState, op *opState, host string) {
 	op.State, op.Host, op.LastHost, op.Started, op.Affinity = Running, host, host, true, anyHost
+	op.Attempt++
 	mode := op.StartMode
 	op.StartMode = 0
-	c.emit(Action{Kind: ActStart, Op: op.ID, Set: st.Name, OpKind: op.Kind, Host: host, LBN: op.LBN, Target: op.Target, Mode: mode})
+	c.emit(Action{Kind: ActStart, Op: op.ID, Set: st.Name, OpKind: op.Kind, Host: host, LBN: op.LBN, Target: op.Target, Mode: mode, Attempt: op.Attempt})
 }

@@ -101,6 +101,10 @@ type opState struct {
 	Affinity affinity `json:"affinity,omitempty"`
 	// StartMode is how the next start is announced (restart or continue).
 	StartMode Word `json:"start_mode,omitempty"`
+	// Attempt counts the op's starts. Reports name the attempt they come
+	// from, so a report from an engine that was stopped (and perhaps
+	// restarted on the same host) is recognised as stale.
+	Attempt uint64 `json:"attempt,omitempty"`
 }
 
 func (s *state) clone() *state {
