@@ -106,6 +106,17 @@ func (c *Core) step(ev Event) error {
 		return c.progress(ev)
 	case EvComplete:
 		return c.complete(ev)
+	case EvForgetSet:
+		st, err := c.knownSet(ev.Set)
+		if err != nil {
+			return err
+		}
+		if len(st.Mounted) > 0 {
+			return badf("%s is still mounted on %s", st.Name, strings.Join(st.sortedMounted(), ","))
+		}
+		c.s.Sets = slices.DeleteFunc(c.s.Sets, func(x *setState) bool { return x == st })
+		c.notef("%s forgotten", st.Name)
+		return nil
 	}
 	return badf("unknown event kind %d", ev.Kind)
 }

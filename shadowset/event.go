@@ -61,6 +61,9 @@ const (
 	EvProgress
 	// EvComplete: the op finished.
 	EvComplete
+	// EvForgetSet: Set, mounted nowhere, leaves the core (its state lives
+	// on in its members' metadata until a host mounts it again).
+	EvForgetSet
 	numEventKinds
 )
 
@@ -69,7 +72,7 @@ var eventKindNames = [...]string{
 	EvDefineOp: "define-op", EvPriority: "priority", EvMaxOps: "max-ops", EvAbort: "abort", EvDismount: "dismount",
 	EvMount: "mount", EvRemoveMember: "remove-member", EvIOError: "io-error", EvAddMember: "add-member",
 	EvDemandMerge: "demand-merge", EvEvalResources: "eval-resources", EvTick: "tick", EvProgress: "progress",
-	EvComplete: "complete",
+	EvComplete: "complete", EvForgetSet: "forget-set",
 }
 
 func (k EventKind) String() string {

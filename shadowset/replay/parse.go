@@ -307,14 +307,11 @@ func ParseLine(line string) (d Directive, ok bool, err error) {
 		}
 		ev(shadowset.Event{Kind: shadowset.EvAddMember, Set: a.pos[0], Member: a.pos[1]})
 		want = 2
-	case "demand-merge", "complete":
+	case "demand-merge", "complete", "forget":
 		if err := a.need(1, "a set"); err != nil {
 			return d, false, err
 		}
-		k := shadowset.EvDemandMerge
-		if a.cmd == "complete" {
-			k = shadowset.EvComplete
-		}
+		k := map[string]shadowset.EventKind{"demand-merge": shadowset.EvDemandMerge, "complete": shadowset.EvComplete, "forget": shadowset.EvForgetSet}[a.cmd]
 		ev(shadowset.Event{Kind: k, Set: a.pos[0]})
 		want = 1
 	case "eval-resources":
