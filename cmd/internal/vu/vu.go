@@ -103,8 +103,13 @@ type Config struct {
 	// survivors' metadata) and returns only when that is done; the failing
 	// request is acknowledged after it. An error keeps the member and
 	// fails the request.
-	Expel  func(path string, cause error) error
-	Logger zerolog.Logger
+	Expel func(path string, cause error) error
+	// WriteGate, if set, runs before a write or zero touches any member
+	// and its done func after the request completes. The agent uses it to
+	// make the dirty flag durable before the first write after a clean
+	// period, and to know when no write is in flight.
+	WriteGate func() (done func(), err error)
+	Logger    zerolog.Logger
 }
 
 // VU is one virtual unit. All methods are safe for concurrent use.
@@ -113,7 +118,11 @@ type VU struct {
 	size  int64
 	locks RangeLock
 	expel func(string, error) error
+	gate  func() (func(), error)
 	log   zerolog.Logger
+	// appIO counts application requests in flight; engines throttle to
+	// their minimum rate while it is non-zero.
+	appIO atomic.Int64
 
 	mu      sync.RWMutex
 	members []*member
@@ -126,7 +135,7 @@ func New(cfg Config) (*VU, error) {
 	if cfg.Size <= 0 {
 		return nil, fmt.Errorf("vu %s: size %d is not positive", cfg.Name, cfg.Size)
 	}
-	v := &VU{name: cfg.Name, size: cfg.Size, expel: cfg.Expel, log: cfg.Logger}
+	v := &VU{name: cfg.Name, size: cfg.Size, expel: cfg.Expel, gate: cfg.WriteGate, log: cfg.Logger}
 	full := 0
 	for _, s := range cfg.Members {
 		if err := v.addMember(s); err != nil {
@@ -282,11 +291,33 @@ func (v *VU) check(off int64, n int64) error {
 
 // ---- writes
 
+// Busy reports application I/O in flight.
+func (v *VU) Busy() bool { return v.appIO.Load() > 0 }
+
+// begin accounts an application request and passes the write gate.
+func (v *VU) begin(write bool) (func(), error) {
+	v.appIO.Add(1)
+	if !write || v.gate == nil {
+		return func() { v.appIO.Add(-1) }, nil
+	}
+	done, err := v.gate()
+	if err != nil {
+		v.appIO.Add(-1)
+		return nil, fmt.Errorf("vu %s: %w", v.name, err)
+	}
+	return func() { done(); v.appIO.Add(-1) }, nil
+}
+
 // WriteAt writes p to every full member and copy target.
 func (v *VU) WriteAt(p []byte, off int64, fua bool) error {
 	if err := v.check(off, int64(len(p))); err != nil {
 		return err
 	}
+	end, err := v.begin(true)
+	if err != nil {
+		return err
+	}
+	defer end()
 	unlock := v.locks.Lock(off, int64(len(p)))
 	defer unlock()
 	return v.everyMember("write", func(d Device) error {
@@ -307,6 +338,11 @@ func (v *VU) Zero(off, n int64, fua bool) error {
 	if err := v.check(off, n); err != nil {
 		return err
 	}
+	end, err := v.begin(true)
+	if err != nil {
+		return err
+	}
+	defer end()
 	unlock := v.locks.Lock(off, n)
 	defer unlock()
 	return v.everyMember("zero", func(d Device) error {
@@ -402,6 +438,8 @@ func (v *VU) ReadAt(p []byte, off int64) error {
 	if err := v.check(off, int64(len(p))); err != nil {
 		return err
 	}
+	end, _ := v.begin(false)
+	defer end()
 	v.mu.RLock()
 	merge, master := v.merge, v.master
 	v.mu.RUnlock()

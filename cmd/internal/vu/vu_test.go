@@ -298,3 +298,35 @@ func TestSlowMemberDelaysAck(t *testing.T) {
 		}
 	})
 }
+
+func TestWriteGateRunsBeforeMembersAndCanRefuse(t *testing.T) {
+	a, b := newMem("a", size), newMem("b", size)
+	var open atomic.Int32
+	refuse := false
+	v, err := New(Config{Name: "DSA1", Size: size, Members: []MemberSpec{{Dev: a, Role: Full}, {Dev: b, Role: Full}},
+		Logger: zerolog.Nop(),
+		WriteGate: func() (func(), error) {
+			if refuse {
+				return nil, errors.New("dirty flag not durable")
+			}
+			if a.writes.Load() != 0 && open.Load() == 0 {
+				t.Error("a member was written before the gate opened")
+			}
+			open.Add(1)
+			return func() { open.Add(-1) }, nil
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.WriteAt([]byte("x"), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if open.Load() != 0 || v.Busy() {
+		t.Fatal("gate or busy count not released after the write")
+	}
+	refuse = true
+	before := a.writes.Load()
+	if err := v.WriteAt([]byte("y"), 0, false); err == nil || a.writes.Load() != before {
+		t.Fatalf("refused gate: err %v, writes %d -> %d", err, before, a.writes.Load())
+	}
+}
