@@ -38,9 +38,17 @@ func newApp() *cli.App {
 		Name:  "shadow",
 		Usage: "volume shadow sets with host-based minimerge",
 		Commands: []*cli.Command{
+			agentCommand(),
+			mountCommand(),
+			dismountCommand(),
+			setCommand(),
+			showCommand(),
+			examineCommand(),
 			replayCommand(),
 		},
 		HideHelpCommand: true,
+		// --mount DSA1=a,b carries its own commas.
+		DisableSliceFlagSeparator: true,
 		// Exit codes are decided in run, never by os.Exit deep inside.
 		ExitErrHandler: func(*cli.Context, error) {},
 	}

@@ -1,0 +1,287 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+
+	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/shadowset"
+)
+
+// DismountArgs is the dismount verb: the whole set, or one member.
+type DismountArgs struct {
+	Set    string `json:"set"`
+	Member string `json:"member,omitempty"`
+}
+
+// SetArgs is the set verb; exactly one action per call.
+type SetArgs struct {
+	Set          string `json:"set"`
+	DemandMerge  bool   `json:"demand_merge,omitempty"`
+	Priority     *int   `json:"priority,omitempty"`
+	ReadCost     *int   `json:"read_cost,omitempty"`
+	Member       string `json:"member,omitempty"`
+	CopySource   string `json:"copy_source,omitempty"`
+	ForceRemoval string `json:"force_removal,omitempty"`
+}
+
+// ShowArgs is the show verb.
+type ShowArgs struct {
+	Set string `json:"set,omitempty"`
+}
+
+func decode[T any](raw json.RawMessage) (T, error) {
+	var v T
+	if len(raw) == 0 {
+		return v, errors.New("missing arguments")
+	}
+	if err := json.Unmarshal(raw, &v); err != nil {
+		return v, fmt.Errorf("bad arguments: %w", err)
+	}
+	return v, nil
+}
+
+func (a *Agent) handlers() map[string]Handler {
+	return map[string]Handler{
+		"mount": func(_ context.Context, raw json.RawMessage) (any, error) {
+			args, err := decode[MountArgs](raw)
+			if err != nil {
+				return nil, err
+			}
+			return a.mount(args)
+		},
+		"dismount": func(_ context.Context, raw json.RawMessage) (any, error) {
+			args, err := decode[DismountArgs](raw)
+			if err != nil {
+				return nil, err
+			}
+			if args.Member != "" {
+				return nil, a.dismountMember(args.Set, args.Member)
+			}
+			return nil, a.dismountSet(args.Set)
+		},
+		"set": func(_ context.Context, raw json.RawMessage) (any, error) {
+			args, err := decode[SetArgs](raw)
+			if err != nil {
+				return nil, err
+			}
+			return nil, a.setVerb(args)
+		},
+		"show": func(_ context.Context, raw json.RawMessage) (any, error) {
+			args, _ := decode[ShowArgs](raw)
+			return a.Show(args.Set)
+		},
+		"events": func(context.Context, json.RawMessage) (any, error) {
+			return a.elog.History(), nil
+		},
+	}
+}
+
+// dismountSet is the final dismount on this host: the core stops the
+// set's ops (their checkpoints stay in the metadata), the export goes, the
+// members are flushed and marked clean unless a merge is still owed.
+func (a *Agent) dismountSet(name string) error {
+	vol, err := a.volume(name)
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	var old []*run
+	for _, r := range a.runs {
+		old = append(old, r)
+	}
+	a.mu.Unlock()
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvDismount, Set: name, Host: a.host}); err != nil {
+		return fmt.Errorf("dismount %s: %w", name, err)
+	}
+	a.waitRuns(name, old)
+	a.nbd.RemoveExport(name)
+	close(vol.stopCleaner)
+	<-vol.cleanerDone
+	var errs []error
+	if err := vol.markClean(a, true); err != nil {
+		errs = append(errs, err)
+	}
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvForgetSet, Set: name}); err != nil {
+		errs = append(errs, err)
+	}
+	a.mu.Lock()
+	delete(a.sets, name)
+	a.mu.Unlock()
+	vol.mdMu.Lock()
+	for _, m := range vol.members {
+		if err := m.dev.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	vol.mdMu.Unlock()
+	vol.retiredMu.Lock()
+	for _, d := range vol.retired {
+		d.Close()
+	}
+	vol.retiredMu.Unlock()
+	a.log.Info().Str("vu", name).Msg("dismounted")
+	return errors.Join(errs...)
+}
+
+// dismountMember removes one member from a mounted set.
+func (a *Agent) dismountMember(name, path string) error {
+	vol, err := a.volume(name)
+	if err != nil {
+		return err
+	}
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	vol.mdMu.Lock()
+	m, ok := vol.members[path]
+	vol.mdMu.Unlock()
+	if !ok {
+		return fmt.Errorf("%s is not a member of %s", path, name)
+	}
+	a.mu.Lock()
+	var old []*run
+	for _, r := range a.runs {
+		old = append(old, r)
+	}
+	a.mu.Unlock()
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvRemoveMember, Set: name, Member: path, Host: a.host}); err != nil {
+		return err
+	}
+	// A copy to the member is dropped by the core; wait for its engine
+	// before the member leaves the I/O path.
+	a.waitCanceled(old)
+	if err := vol.vu.RemoveMember(path); err != nil {
+		return err
+	}
+	vol.setRole(path, meta.RoleRemoved)
+	vol.forgetKeepTable(path)
+	if err := vol.writeAll(); err != nil {
+		return err
+	}
+	// The departing member records that it left: its own generation is
+	// now behind the set's, so it comes back by copy.
+	return m.dev.Close()
+}
+
+// waitCanceled waits for the runs among old that have been canceled
+// since (they left a.runs).
+func (a *Agent) waitCanceled(old []*run) {
+	for _, r := range old {
+		select {
+		case <-r.done:
+		default:
+			a.mu.Lock()
+			live := false
+			for _, x := range a.runs {
+				if x == r {
+					live = true
+				}
+			}
+			a.mu.Unlock()
+			if !live {
+				<-r.done
+			}
+		}
+	}
+}
+
+// forgetKeepTable drops a member from the runtime, keeping its (removed)
+// entry in the metadata table.
+func (vol *volume) forgetKeepTable(path string) {
+	vol.mdMu.Lock()
+	defer vol.mdMu.Unlock()
+	delete(vol.members, path)
+}
+
+func (a *Agent) setVerb(args SetArgs) error {
+	vol, err := a.volume(args.Set)
+	if err != nil {
+		return err
+	}
+	switch {
+	case args.DemandMerge:
+		return a.elog.Append(shadowset.Event{Kind: shadowset.EvDemandMerge, Set: args.Set})
+	case args.Priority != nil:
+		return a.elog.Append(shadowset.Event{Kind: shadowset.EvPriority, Set: args.Set, Host: a.host, N: *args.Priority})
+	case args.ReadCost != nil:
+		if args.Member == "" {
+			return errors.New("--read-cost needs --member PATH")
+		}
+		p, _ := filepath.Abs(args.Member)
+		if *args.ReadCost < 0 || *args.ReadCost > 65535 {
+			return fmt.Errorf("read cost %d out of range 0–65535 (0 restores the default)", *args.ReadCost)
+		}
+		return vol.vu.SetReadCost(p, *args.ReadCost)
+	case args.CopySource != "":
+		p, _ := filepath.Abs(args.CopySource)
+		if _, role, ok := vol.vu.Device(p); !ok || role.String() != "full" {
+			return fmt.Errorf("%s is not a full member of %s", args.CopySource, args.Set)
+		}
+		vol.copySource.Store(p)
+		return nil
+	case args.ForceRemoval != "":
+		p, _ := filepath.Abs(args.ForceRemoval)
+		if err := vol.vu.RemoveMember(p); err != nil {
+			return err
+		}
+		return a.expel(vol, p, errors.New("forced removal by the operator"))
+	}
+	return errors.New("set: nothing to do (give --demand-merge, --priority, --read-cost, --copy-source or --force-removal)")
+}
+
+// Show builds the report for one set, or all.
+func (a *Agent) Show(set string) (ShowReport, error) {
+	r := ShowReport{Host: a.host, Sets: []SetShow{}}
+	names := a.setNames()
+	if set != "" {
+		if !slices.Contains(names, set) {
+			return r, fmt.Errorf("%s is not mounted on %s", set, a.host)
+		}
+		names = []string{set}
+	}
+	for _, name := range names {
+		vol, err := a.volume(name)
+		if err != nil {
+			continue
+		}
+		sv, ok := a.setView(name)
+		if !ok {
+			continue
+		}
+		var prio int
+		a.elog.View(func(c *shadowset.Core) { prio = c.Priority(a.host, name) })
+		s := SetShow{Name: name, SizeBytes: vol.size, NBDURI: a.URI(name), Mounted: sv.Mounted, Priority: prio, Members: []MemberShow{}, Ops: []OpShow{}}
+		master := masterMember(vol.vu.Members())
+		mergePct := -1
+		copyPct := map[string]int{}
+		for _, op := range sv.Ops {
+			o := OpShow{ID: uint64(op.ID), Kind: op.Kind.String(), State: op.State.String(), Host: op.Host, LBN: op.LBN, Target: op.Target, ProgressPct: pct(op.LBN, vol.size), History: []string{}}
+			for _, w := range op.History {
+				o.History = append(o.History, w.String())
+			}
+			s.Ops = append(s.Ops, o)
+			if op.Kind.IsMerge() {
+				mergePct = o.ProgressPct
+			} else {
+				copyPct[op.Target] = o.ProgressPct
+			}
+		}
+		for _, m := range vol.vu.Members() {
+			ms := MemberShow{Path: m.Path, Role: m.Role.String(), ReadCost: m.ReadCost, ProgressPct: -1, Master: m.Path == master}
+			if p, ok := copyPct[m.Path]; ok {
+				ms.ProgressPct = p
+			} else if ms.Master {
+				ms.ProgressPct = mergePct
+			}
+			s.Members = append(s.Members, ms)
+		}
+		s.State = vuState(s)
+		r.Sets = append(r.Sets, s)
+	}
+	return r, nil
+}

@@ -1,0 +1,267 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/vu"
+	shadowcopy "github.com/shadow-project/shadow/copy"
+	"github.com/shadow-project/shadow/merge"
+	"github.com/shadow-project/shadow/shadowset"
+)
+
+// startRun starts the engine for an op the core started on this host.
+// Called from apply (under the log's lock): it only sets things up and
+// starts a goroutine.
+func (a *Agent) startRun(act shadowset.Action) {
+	a.mu.Lock()
+	vol := a.sets[act.Set]
+	if old, ok := a.runs[act.Op]; ok {
+		old.cancel()
+	}
+	if vol == nil {
+		a.mu.Unlock()
+		a.log.Error().Str("vu", act.Set).Str("action", act.String()).Msg("core started an op on a set this host does not have")
+		return
+	}
+	ctx, cancel := context.WithCancel(a.ctx)
+	r := &run{set: act.Set, cancel: cancel, done: make(chan struct{})}
+	a.runs[act.Op] = r
+	var f *fence
+	if act.OpKind.IsMerge() {
+		f = &fence{}
+		f.at.Store(int64(act.LBN) * meta.LBNSize)
+		vol.mergeFence = f
+	}
+	a.mu.Unlock()
+	a.log.Info().Str("vu", act.Set).Uint64("op", uint64(act.Op)).Str("kind", act.OpKind.String()).Uint64("lbn", act.LBN).Str("target", act.Target).Msg("starting " + act.OpKind.String())
+	a.wg.Go(func() {
+		defer close(r.done)
+		defer cancel()
+		var err error
+		if act.OpKind.IsMerge() {
+			err = a.runMerge(ctx, vol, act, f)
+		} else {
+			err = a.runCopy(ctx, vol, act)
+		}
+		switch {
+		case err == nil:
+			if err := a.elog.AppendFrom(ctx, a.report(act, shadowset.EvComplete, 0)); err != nil && ctx.Err() == nil {
+				a.log.Error().Err(err).Msg("completion refused")
+			}
+		case ctx.Err() != nil:
+			a.log.Info().Str("vu", act.Set).Uint64("op", uint64(act.Op)).Msg(act.OpKind.String() + " stopped")
+		default:
+			a.runFailed(ctx, vol, act, err)
+		}
+	})
+}
+
+func (a *Agent) report(act shadowset.Action, kind shadowset.EventKind, lbn uint64) shadowset.Event {
+	return shadowset.Event{Kind: kind, Set: act.Set, Op: act.Op, Attempt: act.Attempt, Host: a.host, LBN: lbn}
+}
+
+// taggedDevice remembers which member an engine's I/O error came from.
+type taggedDevice struct {
+	vu.Device
+	failed *string
+}
+
+func (t taggedDevice) ReadAt(p []byte, off int64) (int, error) {
+	n, err := t.Device.ReadAt(p, off)
+	if err != nil && *t.failed == "" {
+		*t.failed = t.Path()
+	}
+	return n, err
+}
+
+func (t taggedDevice) WriteAt(p []byte, off int64) (int, error) {
+	n, err := t.Device.WriteAt(p, off)
+	if err != nil && *t.failed == "" {
+		*t.failed = t.Path()
+	}
+	return n, err
+}
+
+func (t taggedDevice) Flush() error {
+	err := t.Device.Flush()
+	if err != nil && *t.failed == "" {
+		*t.failed = t.Path()
+	}
+	return err
+}
+
+// engineError carries the member an engine failed on.
+type engineError struct {
+	member string
+	err    error
+}
+
+func (e *engineError) Error() string { return fmt.Sprintf("member %s: %v", e.member, e.err) }
+func (e *engineError) Unwrap() error { return e.err }
+
+// runFailed handles an engine that hit an I/O error: the member it failed
+// on leaves the set as if an application write had failed there (the core
+// then stops or reschedules the op).
+func (a *Agent) runFailed(ctx context.Context, vol *volume, act shadowset.Action, err error) {
+	a.log.Error().Str("vu", act.Set).Uint64("op", uint64(act.Op)).Err(err).Msg(act.OpKind.String() + " failed")
+	var ee *engineError
+	if errors.As(err, &ee) && ee.member != "" {
+		if xerr := vol.vu.RemoveMember(ee.member); xerr != nil {
+			a.log.Error().Err(xerr).Msg("cannot expel the failing member")
+			return
+		}
+		if xerr := a.expel(vol, ee.member, err); xerr != nil {
+			a.log.Error().Err(xerr).Msg("cannot record the expulsion")
+		}
+	}
+}
+
+// masterMember picks the merge master: the first full member by read
+// cost (any full member can be the logical merge master).
+func masterMember(ms []vu.MemberInfo) string {
+	best := ""
+	cost := 0
+	for _, m := range ms {
+		if m.Role == vu.Full && (best == "" || m.ReadCost < cost) {
+			best, cost = m.Path, m.ReadCost
+		}
+	}
+	return best
+}
+
+func (a *Agent) runMerge(ctx context.Context, vol *volume, act shadowset.Action, f *fence) error {
+	ms := vol.vu.Members()
+	master := masterMember(ms)
+	var failed string
+	dev := func(p string) merge.Device {
+		d, _, _ := vol.vu.Device(p)
+		return taggedDevice{Device: d, failed: &failed}
+	}
+	var others []merge.Device
+	for _, m := range ms {
+		if m.Path != master {
+			others = append(others, dev(m.Path))
+		}
+	}
+	vol.vu.SetMerge(f, master)
+	_, err := merge.Run(ctx, merge.Job{
+		Master: dev(master), Others: others, Size: vol.size, StartLBN: act.LBN, Lock: vol.vu.Lock,
+		MinRate: a.cfg.MinRate, MaxRate: a.cfg.MaxRate, Busy: vol.vu.Busy,
+		Progress: func(lbn uint64) {
+			f.at.Store(int64(lbn) * meta.LBNSize)
+			if lbn < uint64(vol.size/meta.LBNSize) {
+				_ = a.elog.AppendFrom(ctx, a.report(act, shadowset.EvProgress, lbn))
+			}
+		},
+	})
+	if err != nil && ctx.Err() == nil {
+		return &engineError{member: failed, err: err}
+	}
+	return err
+}
+
+func (a *Agent) runCopy(ctx context.Context, vol *volume, act shadowset.Action) error {
+	src, _ := vol.copySource.Load().(string)
+	if _, role, ok := vol.vu.Device(src); !ok || role != vu.Full {
+		src = masterMember(vol.vu.Members())
+	}
+	var failed string
+	sd, _, _ := vol.vu.Device(src)
+	td, _, ok := vol.vu.Device(act.Target)
+	if sd == nil || !ok {
+		return fmt.Errorf("copy %s: source %q or target %q missing", act.Set, src, act.Target)
+	}
+	vol.mdMu.Lock()
+	target := vol.members[act.Target]
+	vol.mdMu.Unlock()
+	err := shadowcopy.Run(ctx, shadowcopy.Job{
+		Source: taggedDevice{Device: sd, failed: &failed}, Target: taggedDevice{Device: td, failed: &failed},
+		Size: vol.size, StartLBN: act.LBN, Lock: vol.vu.Lock,
+		MinRate: a.cfg.MinRate, MaxRate: a.cfg.MaxRate, Busy: vol.vu.Busy,
+		Progress: func(lbn uint64) {
+			// The target is flushed below lbn: record it in its metadata so
+			// the copy can be continued there, then tell the core.
+			if target != nil {
+				target.checkpoint.Store(lbn)
+				vol.mdMu.Lock()
+				err := vol.writeOneLocked(target)
+				vol.mdMu.Unlock()
+				if err != nil {
+					a.log.Warn().Err(err).Msg("could not record the copy checkpoint")
+				}
+			}
+			if lbn < uint64(vol.size/meta.LBNSize) {
+				_ = a.elog.AppendFrom(ctx, a.report(act, shadowset.EvProgress, lbn))
+			}
+		},
+	})
+	if err != nil && ctx.Err() == nil {
+		return &engineError{member: failed, err: err}
+	}
+	return err
+}
+
+// finished applies a completed op (under the log's lock).
+func (a *Agent) finished(act shadowset.Action) {
+	a.mu.Lock()
+	vol := a.sets[act.Set]
+	delete(a.runs, act.Op)
+	if vol != nil && act.OpKind.IsMerge() {
+		vol.mergeFence = nil
+	}
+	a.mu.Unlock()
+	if vol == nil {
+		return
+	}
+	if act.OpKind.IsCopy() {
+		if err := vol.vu.SetRole(act.Target, vu.Full); err != nil {
+			a.log.Error().Err(err).Msg("cannot promote the copy target")
+			return
+		}
+		if m, ok := vol.members[act.Target]; ok {
+			m.checkpoint.Store(0)
+		}
+		vol.setRole(act.Target, meta.RoleFull)
+		if err := vol.writeAll(); err != nil {
+			a.log.Error().Str("vu", act.Set).Err(err).Msg("cannot record the completed copy")
+		}
+	}
+	a.log.Info().Str("vu", act.Set).Uint64("op", uint64(act.Op)).Str("kind", act.OpKind.String()).Msg(act.OpKind.String() + " completed")
+}
+
+// syncMergeViews keeps each VU's merge-time read consistency in step with
+// the core: from the moment a merge is required until it completes, reads
+// of what it has not reached go through the merge master. A merge running
+// here publishes its own fence; one not running here (pending, in its
+// delay, canceled) covers the whole volume.
+func (a *Agent) syncMergeViews() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for name, vol := range a.sets {
+		if vol.vu == nil {
+			continue
+		}
+		sv, ok := a.viewLocked(name)
+		if !ok {
+			continue
+		}
+		var mergeOp *shadowset.OpView
+		for i := range sv.Ops {
+			if sv.Ops[i].Kind.IsMerge() {
+				mergeOp = &sv.Ops[i]
+			}
+		}
+		switch {
+		case mergeOp == nil:
+			vol.mergeFence = nil
+			vol.vu.SetMerge(nil, "")
+		case mergeOp.State == shadowset.Running && mergeOp.Host == a.host && vol.mergeFence != nil:
+			vol.vu.SetMerge(vol.mergeFence, masterMember(vol.vu.Members()))
+		default:
+			vol.vu.SetMerge(&fence{}, masterMember(vol.vu.Members()))
+		}
+	}
+}

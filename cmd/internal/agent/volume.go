@@ -1,0 +1,651 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/shadow-project/shadow/cmd/internal/device"
+	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/nbd"
+	"github.com/shadow-project/shadow/cmd/internal/vu"
+	"github.com/shadow-project/shadow/shadowset"
+)
+
+// volume is one mounted virtual unit on this host.
+type volume struct {
+	name string
+	vu   *vu.VU
+	size int64
+
+	mdMu    sync.Mutex // serialises metadata writes
+	md      meta.Metadata
+	members map[string]*memberRT // by path
+
+	// copySource is the member copies read from ("" = the first full one).
+	copySource atomic.Value
+
+	// The dirty/clean protocol: writers hold cleanMu for reading while in
+	// flight; marking clean takes it for writing, so no write is in
+	// flight then.
+	cleanMu   sync.RWMutex
+	dirty     atomic.Bool
+	lastWrite atomic.Int64 // unix nanos
+
+	// mergeFence is the byte offset below which the running merge on this
+	// host has made the members agree; nil when no merge runs here.
+	mergeFence *fence
+
+	stopCleaner chan struct{}
+	cleanerDone chan struct{}
+
+	retiredMu sync.Mutex
+	retired   []device.Device
+	// expelMu serialises expulsions: concurrent requests failing on one
+	// member expel it once.
+	expelMu sync.Mutex
+}
+
+func (vol *volume) retire(d device.Device) {
+	vol.retiredMu.Lock()
+	defer vol.retiredMu.Unlock()
+	vol.retired = append(vol.retired, d)
+}
+
+// memberRT is one open member.
+type memberRT struct {
+	path string
+	dev  device.Device
+	uuid meta.UUID
+	// checkpoint is a copy target's durable copy checkpoint (LBN).
+	checkpoint atomic.Uint64
+}
+
+// fence is a full merge's progress: bytes at or above it are still owed.
+type fence struct{ at atomic.Int64 }
+
+// Pending implements vu.MergeWork.
+func (f *fence) Pending(off, n int64) bool { return off+n > f.at.Load() }
+
+// MountArgs is the mount verb.
+type MountArgs struct {
+	Set     string   `json:"set"`
+	Members []string `json:"members"`
+	// Include mounts the members the newest metadata lists, besides the
+	// named ones.
+	Include bool `json:"include,omitempty"`
+	// Confirm allows a full copy onto a member that holds data.
+	Confirm bool `json:"confirm,omitempty"`
+	// Overwrite allows using a member that belongs to another set, whose
+	// history shows it was written outside the set, or whose metadata is
+	// corrupt.
+	Overwrite bool `json:"overwrite,omitempty"`
+	Direct    bool `json:"direct,omitempty"`
+}
+
+// MountResult answers the mount verb.
+type MountResult struct {
+	Set      string   `json:"set"`
+	URI      string   `json:"nbd_uri"`
+	Size     int64    `json:"size_bytes"`
+	Created  bool     `json:"created"`
+	Copies   []string `json:"copies,omitempty"`
+	Warnings []string `json:"warnings,omitempty"`
+}
+
+// probe is what mount learns of one named member.
+type probe struct {
+	path     string
+	dev      device.Device
+	data     int64
+	md       *meta.Metadata // nil: blank
+	warnings []string
+	blank    bool // the data region's first MiB and the reserved area are zero
+}
+
+const blankSample = 1 << 20
+
+func openProbe(path string, direct, overwrite bool) (*probe, error) {
+	dev, err := device.Open(path, device.Options{Direct: direct})
+	if err != nil {
+		return nil, err
+	}
+	p := &probe{path: path, dev: dev}
+	fail := func(err error) (*probe, error) { dev.Close(); return nil, err }
+	if p.data, _, err = meta.Layout(dev.Size()); err != nil {
+		return fail(fmt.Errorf("%s: %w", path, err))
+	}
+	md, warns, err := meta.Read(dev)
+	switch {
+	case errors.Is(err, meta.ErrBlank):
+	case err != nil && overwrite:
+		p.warnings = append(p.warnings, fmt.Sprintf("%s: ignoring unreadable metadata (--overwrite): %v", path, err))
+	case err != nil:
+		return fail(fmt.Errorf("%s: %w (use --overwrite to reuse it)", path, err))
+	default:
+		p.md = md
+	}
+	p.warnings = append(p.warnings, warns...)
+	dataBlank, err := meta.IsBlank(dev, 0, min(blankSample, p.data))
+	if err != nil {
+		return fail(err)
+	}
+	areaBlank, err := meta.AreaIsBlank(dev)
+	if err != nil {
+		return fail(err)
+	}
+	p.blank = dataBlank && areaBlank
+	return p, nil
+}
+
+// mount mounts a set, or adds a member to a mounted one.
+func (a *Agent) mount(args MountArgs) (*MountResult, error) {
+	if err := shadowset.ValidSetName(args.Set); err != nil {
+		return nil, err
+	}
+	if len(args.Members) == 0 {
+		return nil, fmt.Errorf("mount %s: no --member given", args.Set)
+	}
+	for i, p := range args.Members {
+		abs, err := filepath.Abs(p)
+		if err != nil {
+			return nil, err
+		}
+		args.Members[i] = abs
+	}
+	a.mu.Lock()
+	vol := a.sets[args.Set]
+	a.mu.Unlock()
+	if vol != nil {
+		return a.addMember(vol, args)
+	}
+	return a.mountNew(args)
+}
+
+func closeProbes(ps []*probe) {
+	for _, p := range ps {
+		if p != nil && p.dev != nil {
+			p.dev.Close()
+		}
+	}
+}
+
+func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
+	if len(args.Members) > shadowset.MaxMembers {
+		return nil, fmt.Errorf("mount %s: %d members, at most %d", args.Set, len(args.Members), shadowset.MaxMembers)
+	}
+	var probes []*probe
+	defer func() {
+		if err != nil {
+			closeProbes(probes)
+		}
+	}()
+	for _, path := range args.Members {
+		if slices.ContainsFunc(probes, func(p *probe) bool { return p.path == path }) {
+			return nil, fmt.Errorf("mount %s: %s named twice", args.Set, path)
+		}
+		p, err := openProbe(path, args.Direct, args.Overwrite)
+		if err != nil {
+			return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+		}
+		probes = append(probes, p)
+	}
+	res = &MountResult{Set: args.Set}
+	for _, p := range probes {
+		res.Warnings = append(res.Warnings, p.warnings...)
+	}
+
+	// The newest metadata among the named members decides the set.
+	var newest *probe
+	for _, p := range probes {
+		if p.md == nil {
+			continue
+		}
+		if p.md.SetName != args.Set && !args.Overwrite {
+			return nil, fmt.Errorf("mount %s: %s is a member of %s (set %s); use --overwrite to take it", args.Set, p.path, p.md.SetName, p.md.SetUUID)
+		}
+		if newest == nil || p.md.Generation.Number > newest.md.Generation.Number {
+			newest = p
+		}
+	}
+	if args.Include && newest != nil {
+		for _, m := range newest.md.Members {
+			if m.Role == meta.RoleRemoved || m.PathHint == "" || slices.ContainsFunc(probes, func(p *probe) bool { return p.path == m.PathHint }) {
+				continue
+			}
+			if !fileExists(m.PathHint) {
+				res.Warnings = append(res.Warnings, fmt.Sprintf("%s: member %s listed in the metadata is not present", m.PathHint, m.UUID))
+				continue
+			}
+			p, err := openProbe(m.PathHint, args.Direct, false)
+			if err != nil {
+				return nil, fmt.Errorf("mount %s --include: %w", args.Set, err)
+			}
+			probes = append(probes, p)
+		}
+	}
+
+	type role struct {
+		full       bool
+		checkpoint uint64 // for a copy target that was mid-copy
+		copy       bool   // needs a (new) full copy
+	}
+	roles := make([]role, len(probes))
+	var md meta.Metadata
+	wasDirty := false
+	if newest == nil {
+		// Creating: the first member named is the source; the others must
+		// hold nothing we would overwrite.
+		res.Created = true
+		for i, p := range probes {
+			if !p.blank && !args.Overwrite && (i > 0 || !p.areaOnlyBlank()) {
+				what := "data"
+				if i == 0 {
+					what = "its metadata area"
+				}
+				return nil, fmt.Errorf("mount %s: %s is not blank (%s); a new set copies the first member onto it: use --overwrite", args.Set, p.path, what)
+			}
+			roles[i] = role{full: i == 0, copy: i > 0}
+		}
+		md = meta.Metadata{SetUUID: meta.NewUUID(), SetName: args.Set}
+		md.NextGeneration()
+	} else {
+		md = *newest.md
+		md.Members = slices.Clone(newest.md.Members)
+		md.History = slices.Clone(newest.md.History)
+		wasDirty = md.Dirty
+		for i, p := range probes {
+			switch {
+			case p.md == nil:
+				if !p.blank && !args.Confirm && !args.Overwrite {
+					return nil, fmt.Errorf("mount %s: %s holds data and would get a full copy: use --confirm", args.Set, p.path)
+				}
+				roles[i] = role{copy: true}
+			case p.md.SetUUID != md.SetUUID:
+				roles[i] = role{copy: true} // --overwrite took it
+			default:
+				switch meta.Relate(newest.md, p.md) {
+				case meta.Same:
+					me, _ := md.Member(p.md.MemberUUID)
+					switch me.Role {
+					case meta.RoleFull:
+						roles[i] = role{full: true}
+					case meta.RoleCopyTarget:
+						roles[i] = role{checkpoint: p.md.CopyCheckpoint}
+					default:
+						roles[i] = role{copy: true}
+					}
+				case meta.Newer: // p missed membership changes: stale
+					roles[i] = role{copy: true}
+				default:
+					if !args.Overwrite {
+						return nil, fmt.Errorf("mount %s: %s has a generation history that does not match the set's (%s): it was written outside the set; use --overwrite", args.Set, p.path, meta.Relate(newest.md, p.md))
+					}
+					roles[i] = role{copy: true}
+				}
+			}
+		}
+		if !slices.ContainsFunc(roles, func(r role) bool { return r.full }) {
+			return nil, fmt.Errorf("mount %s: no named member holds the set's current data (generation %s)", args.Set, md.Generation)
+		}
+	}
+
+	// The membership being mounted, as the metadata will say.
+	size := int64(-1)
+	var members []meta.Member
+	for i, p := range probes {
+		if size < 0 || p.data < size {
+			size = p.data
+		}
+		u := meta.NewUUID()
+		if p.md != nil && p.md.SetUUID == md.SetUUID && !roles[i].copy {
+			u = p.md.MemberUUID
+		}
+		r := meta.RoleFull
+		if !roles[i].full {
+			r = meta.RoleCopyTarget
+		}
+		members = append(members, meta.Member{UUID: u, Role: r, PathHint: p.path})
+	}
+	if !res.Created && !sameMembership(md.Members, members) {
+		md.NextGeneration()
+	}
+	md.Members = members
+	md.Dirty = true
+
+	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{},
+		stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{})}
+	var specs []vu.MemberSpec
+	for i, p := range probes {
+		m := &memberRT{path: p.path, dev: p.dev, uuid: members[i].UUID}
+		m.checkpoint.Store(roles[i].checkpoint)
+		vol.members[p.path] = m
+		r := vu.Full
+		if !roles[i].full {
+			r = vu.CopyTarget
+		}
+		specs = append(specs, vu.MemberSpec{Dev: p.dev, Role: r})
+	}
+	// The dirty flag is durable on every member before the first write.
+	if err := vol.writeAll(); err != nil {
+		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+	}
+	vol.dirty.Store(true)
+	v, err := vu.New(vu.Config{Name: args.Set, Size: size, Members: specs, Logger: a.log,
+		Expel:     func(path string, cause error) error { return a.expel(vol, path, cause) },
+		WriteGate: vol.writeGate})
+	if err != nil {
+		return nil, err
+	}
+	vol.vu = v
+
+	// Tell the core, through the log: the set as the metadata recorded
+	// it (dirty: a merge is owed; a copy target mid-copy: its copy), then
+	// the mount, then the members that need a fresh copy.
+	spec := &shadowset.SetSpec{Name: args.Set, Dirty: wasDirty}
+	var ops []*shadowset.OpSpec
+	var adds []string
+	for i, p := range probes {
+		switch {
+		case roles[i].full:
+			spec.Members = append(spec.Members, p.path)
+		case roles[i].copy:
+			adds = append(adds, p.path)
+		default:
+			spec.Members = append(spec.Members, p.path)
+			ops = append(ops, &shadowset.OpSpec{Set: args.Set, Kind: shadowset.FullCopy, Target: p.path, LBN: roles[i].checkpoint})
+		}
+	}
+	a.mu.Lock()
+	a.sets[args.Set] = vol
+	a.mu.Unlock()
+	undo := func() {
+		a.mu.Lock()
+		delete(a.sets, args.Set)
+		a.mu.Unlock()
+	}
+	evs := []shadowset.Event{{Kind: shadowset.EvDefineSet, Spec: spec}}
+	for _, op := range ops {
+		evs = append(evs, shadowset.Event{Kind: shadowset.EvDefineOp, OpSpec: op})
+	}
+	evs = append(evs, shadowset.Event{Kind: shadowset.EvMount, Set: args.Set, Host: a.host})
+	for _, p := range adds {
+		evs = append(evs, shadowset.Event{Kind: shadowset.EvAddMember, Set: args.Set, Member: p})
+	}
+	for i, ev := range evs {
+		if err := a.elog.Append(ev); err != nil {
+			if i > 0 {
+				_ = a.elog.Append(shadowset.Event{Kind: shadowset.EvDismount, Set: args.Set, Host: a.host})
+				_ = a.elog.Append(shadowset.Event{Kind: shadowset.EvForgetSet, Set: args.Set})
+			}
+			undo()
+			return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+		}
+	}
+	if err := a.nbd.AddExport(nbd.Export{Name: args.Set, Description: "shadow set " + args.Set, Backend: v}); err != nil {
+		_ = a.dismountSet(args.Set)
+		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+	}
+	go vol.cleaner(a)
+	res.URI, res.Size, res.Copies = a.URI(args.Set), size, adds
+	for _, w := range res.Warnings {
+		a.log.Warn().Str("vu", args.Set).Msg(w)
+	}
+	a.log.Info().Str("vu", args.Set).Int64("size", size).Strs("members", args.Members).Bool("created", res.Created).Bool("was_dirty", wasDirty).Msg("mounted")
+	return res, nil
+}
+
+// areaOnlyBlank: the creation source keeps its data; only its reserved
+// area must be free.
+func (p *probe) areaOnlyBlank() bool {
+	ok, err := meta.AreaIsBlank(p.dev)
+	return err == nil && ok
+}
+
+func sameMembership(a, b []meta.Member) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for _, m := range b {
+		if !slices.ContainsFunc(a, func(x meta.Member) bool { return x.UUID == m.UUID && x.Role == m.Role }) {
+			return false
+		}
+	}
+	return true
+}
+
+// addMember adds one member to a mounted set: a full copy.
+func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
+	if len(args.Members) != 1 {
+		return nil, fmt.Errorf("%s is mounted: add one member at a time", vol.name)
+	}
+	path := args.Members[0]
+	vol.mdMu.Lock()
+	_, dup := vol.members[path]
+	vol.mdMu.Unlock()
+	if dup {
+		return nil, fmt.Errorf("%s is already a member of %s", path, vol.name)
+	}
+	p, err := openProbe(path, args.Direct, args.Overwrite)
+	if err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			p.dev.Close()
+		}
+	}()
+	if p.data < vol.size {
+		return nil, fmt.Errorf("%s holds %d data bytes, %s needs %d", path, p.data, vol.name, vol.size)
+	}
+	if p.md != nil && p.md.SetUUID != vol.md.SetUUID && !args.Overwrite {
+		return nil, fmt.Errorf("%s is a member of %s (set %s); use --overwrite to take it", path, p.md.SetName, p.md.SetUUID)
+	}
+	if p.md == nil && !p.blank && !args.Confirm && !args.Overwrite {
+		return nil, fmt.Errorf("%s holds data and would get a full copy: use --confirm", path)
+	}
+	m := &memberRT{path: path, dev: p.dev, uuid: meta.NewUUID()}
+	vol.mdMu.Lock()
+	vol.md.Members = append(vol.md.Members, meta.Member{UUID: m.uuid, Role: meta.RoleCopyTarget, PathHint: path})
+	vol.md.NextGeneration()
+	vol.members[path] = m
+	vol.mdMu.Unlock()
+	if err := vol.writeAll(); err != nil {
+		vol.forget(path)
+		return nil, err
+	}
+	if err := vol.vu.AddMember(vu.MemberSpec{Dev: p.dev, Role: vu.CopyTarget}); err != nil {
+		vol.forget(path)
+		return nil, err
+	}
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvAddMember, Set: vol.name, Member: path}); err != nil {
+		_ = vol.vu.RemoveMember(path)
+		vol.forget(path)
+		return nil, err
+	}
+	ok = true
+	return &MountResult{Set: vol.name, URI: a.URI(vol.name), Size: vol.size, Copies: []string{path}, Warnings: p.warnings}, nil
+}
+
+// forget drops a member from the runtime and the metadata table.
+func (vol *volume) forget(path string) {
+	vol.mdMu.Lock()
+	defer vol.mdMu.Unlock()
+	m, ok := vol.members[path]
+	if !ok {
+		return
+	}
+	delete(vol.members, path)
+	vol.md.Members = slices.DeleteFunc(vol.md.Members, func(x meta.Member) bool { return x.UUID == m.uuid })
+}
+
+// writeAll writes the set's metadata to every member, each with its own
+// member UUID and copy checkpoint.
+func (vol *volume) writeAll() error {
+	vol.mdMu.Lock()
+	defer vol.mdMu.Unlock()
+	var errs []error
+	for _, path := range sortedKeys(vol.members) {
+		if err := vol.writeOneLocked(vol.members[path]); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (vol *volume) writeOneLocked(m *memberRT) error {
+	md := vol.md
+	md.MemberUUID = m.uuid
+	md.CopyCheckpoint = m.checkpoint.Load()
+	md.Members = slices.Clone(vol.md.Members)
+	md.History = slices.Clone(vol.md.History)
+	if err := meta.Write(m.dev, &md); err != nil {
+		return fmt.Errorf("write metadata of %s: %w", m.path, err)
+	}
+	return nil
+}
+
+// setRole records a member's role in the metadata table.
+func (vol *volume) setRole(path string, r meta.Role) {
+	vol.mdMu.Lock()
+	defer vol.mdMu.Unlock()
+	m, ok := vol.members[path]
+	if !ok {
+		return
+	}
+	for i := range vol.md.Members {
+		if vol.md.Members[i].UUID == m.uuid {
+			vol.md.Members[i].Role = r
+		}
+	}
+	vol.md.NextGeneration()
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	out := make([]string, 0, len(m))
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// writeGate makes the dirty flag durable before the first write after the
+// set was marked clean, and holds off marking clean while writes are in
+// flight.
+func (vol *volume) writeGate() (func(), error) {
+	vol.cleanMu.RLock()
+	if !vol.dirty.Load() {
+		vol.cleanMu.RUnlock()
+		vol.cleanMu.Lock()
+		if !vol.dirty.Load() {
+			vol.mdMu.Lock()
+			vol.md.Dirty = true
+			vol.mdMu.Unlock()
+			if err := vol.writeAll(); err != nil {
+				vol.cleanMu.Unlock()
+				return nil, fmt.Errorf("mark dirty before writing: %w", err)
+			}
+			vol.dirty.Store(true)
+		}
+		vol.cleanMu.Unlock()
+		vol.cleanMu.RLock()
+	}
+	vol.lastWrite.Store(time.Now().UnixNano())
+	return vol.cleanMu.RUnlock, nil
+}
+
+// markClean flushes the set and records it clean, if no write is in
+// flight and no merge is owed. force skips the idle check (dismount).
+func (vol *volume) markClean(a *Agent, force bool) error {
+	vol.cleanMu.Lock()
+	defer vol.cleanMu.Unlock()
+	if !vol.dirty.Load() {
+		return nil
+	}
+	if !force && time.Since(time.Unix(0, vol.lastWrite.Load())) < a.cfg.CleanAfter {
+		return nil
+	}
+	if sv, ok := a.setView(vol.name); ok {
+		for _, op := range sv.Ops {
+			if op.Kind.IsMerge() {
+				return nil // a merge is owed: the set stays dirty
+			}
+		}
+	}
+	if err := vol.vu.Flush(); err != nil {
+		return fmt.Errorf("flush before marking clean: %w", err)
+	}
+	vol.mdMu.Lock()
+	vol.md.Dirty = false
+	vol.mdMu.Unlock()
+	if err := vol.writeAll(); err != nil {
+		return err
+	}
+	vol.dirty.Store(false)
+	a.log.Debug().Str("vu", vol.name).Msg("marked clean")
+	return nil
+}
+
+// cleaner marks the set clean after it has been idle for CleanAfter (md's
+// safe mode).
+func (vol *volume) cleaner(a *Agent) {
+	defer close(vol.cleanerDone)
+	t := time.NewTicker(max(a.cfg.CleanAfter/4, 100*time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-vol.stopCleaner:
+			return
+		case <-t.C:
+			if err := vol.markClean(a, false); err != nil {
+				a.log.Warn().Str("vu", vol.name).Err(err).Msg("could not mark the set clean")
+			}
+		}
+	}
+}
+
+// expel is the VU's callback when a member fails: the removal goes
+// through the log to the core, then is made durable on the survivors'
+// metadata, all before the failing request is acknowledged.
+func (a *Agent) expel(vol *volume, path string, cause error) error {
+	vol.expelMu.Lock()
+	defer vol.expelMu.Unlock()
+	vol.mdMu.Lock()
+	_, present := vol.members[path]
+	vol.mdMu.Unlock()
+	if !present {
+		return nil // a concurrent request expelled it already
+	}
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvIOError, Set: vol.name, Member: path, Host: a.host}); err != nil {
+		return err
+	}
+	vol.mdMu.Lock()
+	m, ok := vol.members[path]
+	if ok {
+		delete(vol.members, path)
+		for i := range vol.md.Members {
+			if vol.md.Members[i].UUID == m.uuid {
+				vol.md.Members[i].Role = meta.RoleRemoved
+			}
+		}
+		vol.md.NextGeneration()
+	}
+	vol.mdMu.Unlock()
+	if err := vol.writeAll(); err != nil {
+		return fmt.Errorf("record the expulsion of %s: %w", path, err)
+	}
+	if ok {
+		vol.retire(m.dev) // closed at dismount: requests in flight may still use it
+	}
+	a.log.Error().Str("vu", vol.name).Str("member", path).Err(cause).Msg("member expelled")
+	return nil
+}
+
+// Mount is the mount verb for in-process callers (the agent's --mount).
+func (a *Agent) Mount(args MountArgs) (*MountResult, error) { return a.mount(args) }

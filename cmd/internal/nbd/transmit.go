@@ -1,0 +1,298 @@
+package nbd
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math/bits"
+	"net"
+	"sync"
+)
+
+// request is one decoded request header [Request message], plus the WRITE
+// payload once read.
+type request struct {
+	flags   uint16
+	typ     uint16
+	cookie  uint64
+	offset  uint64
+	length  uint32
+	payload *[]byte // WRITE only; from getBuffer
+}
+
+// transmit reads requests until the client disconnects, the stream becomes
+// unusable, or the server stops the connection. Valid requests run in
+// their own goroutines; transmit does not wait for them.
+func (c *conn) transmit() error {
+	var hdr [28]byte
+	for {
+		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
+			return c.readErr(err, "request header")
+		}
+		if magic := binary.BigEndian.Uint32(hdr[0:]); magic != requestMagic {
+			// The framing is lost; nothing after this can be trusted.
+			return fmt.Errorf("bad request magic %#x", magic)
+		}
+		r := request{
+			flags:  binary.BigEndian.Uint16(hdr[4:]),
+			typ:    binary.BigEndian.Uint16(hdr[6:]),
+			cookie: binary.BigEndian.Uint64(hdr[8:]),
+			offset: binary.BigEndian.Uint64(hdr[16:]),
+			length: binary.BigEndian.Uint32(hdr[24:]),
+		}
+		c.requests.Add(1)
+		if r.typ == cmdDisc {
+			return errDisconnect
+		}
+
+		code := c.validate(&r)
+		if code != 0 {
+			c.failures.Add(1)
+			c.log.Warn().Str("cmd", commandName(r.typ)).Uint16("type", r.typ).
+				Uint16("flags", r.flags).Uint64("offset", r.offset).Uint32("length", r.length).
+				Uint32("error", code).Msg("nbd request rejected")
+			if r.typ == cmdWrite {
+				// The payload follows regardless; skip it or it would be
+				// parsed as requests [Malformed vs invalid].
+				if int64(r.length) > max(drainLimit, int64(c.srv.maxRequest)) {
+					return fmt.Errorf("rejected write payload of %d bytes too large to discard", r.length)
+				}
+				if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
+					return c.readErr(err, "rejected write payload")
+				}
+			}
+			if err := c.reply(r.cookie, code, nil); err != nil {
+				return err
+			}
+			continue
+		}
+
+		var payloadBytes int64
+		if r.typ == cmdRead || r.typ == cmdWrite {
+			payloadBytes = int64(r.length)
+		}
+		c.budget.acquire(payloadBytes)
+		if r.typ == cmdWrite {
+			r.payload = getBuffer(int(r.length))
+			if _, err := io.ReadFull(c.br, *r.payload); err != nil {
+				putBuffer(r.payload)
+				c.budget.release(payloadBytes)
+				return c.readErr(err, "write payload")
+			}
+		}
+		c.inflight.Add(1)
+		go c.handle(r, payloadBytes)
+	}
+}
+
+// validate returns the error a request must be rejected with before it
+// reaches the backend, or 0. The order matters only for which of several
+// problems is reported.
+func (c *conn) validate(r *request) uint32 {
+	switch r.typ {
+	case cmdRead, cmdWrite, cmdFlush, cmdTrim, cmdWriteZeroes:
+	default:
+		// Unknown, or known but not advertised (CACHE, BLOCK_STATUS, ...).
+		return errInval
+	}
+	// FUA is valid on every command once SEND_FUA is advertised (ignored
+	// on READ and FLUSH); NO_HOLE only on WRITE_ZEROES. DF, FAST_ZERO
+	// and the rest are not advertised.
+	allowed := uint16(cmdFlagFUA)
+	if r.typ == cmdWriteZeroes {
+		allowed |= cmdFlagNoHole
+	}
+	if r.flags&^allowed != 0 {
+		return errInval
+	}
+	modifies := r.typ == cmdWrite || r.typ == cmdTrim || r.typ == cmdWriteZeroes
+	if modifies && c.readOnly {
+		return errPerm
+	}
+	if r.typ == cmdFlush {
+		if r.offset != 0 || r.length != 0 {
+			return errInval
+		}
+		return 0
+	}
+	if r.length == 0 {
+		// Unspecified by the protocol; nbdkit also answers EINVAL.
+		return errInval
+	}
+	if (r.typ == cmdRead || r.typ == cmdWrite) && r.length > uint32(c.srv.maxRequest) {
+		return errInval
+	}
+	if length := uint64(r.length); length > c.size || r.offset > c.size-length {
+		if r.typ == cmdWrite || r.typ == cmdWriteZeroes {
+			return errNoSpc
+		}
+		return errInval
+	}
+	return 0
+}
+
+// handle runs one validated request against the backend and replies.
+func (c *conn) handle(r request, payloadBytes int64) {
+	defer c.inflight.Done()
+	defer c.budget.release(payloadBytes)
+
+	b := c.exp.Backend
+	off, length := int64(r.offset), int64(r.length)
+	fua := r.flags&cmdFlagFUA != 0
+	var err error
+	switch r.typ {
+	case cmdRead:
+		buf := getBuffer(int(r.length))
+		defer putBuffer(buf)
+		if err = b.ReadAt(*buf, off); err == nil {
+			// A READ reply is all or nothing, so the data is complete
+			// before the header goes out.
+			c.reply(r.cookie, 0, *buf)
+			return
+		}
+	case cmdWrite:
+		err = b.WriteAt(*r.payload, off, fua)
+		putBuffer(r.payload)
+	case cmdFlush:
+		err = b.Flush()
+	case cmdTrim:
+		// Backend.Trim has no FUA of its own.
+		if err = b.Trim(off, length); err == nil && fua {
+			err = b.Flush()
+		}
+	case cmdWriteZeroes:
+		if r.flags&cmdFlagNoHole != 0 {
+			err = writeZeroBlocks(b, off, length, fua)
+		} else {
+			err = b.Zero(off, length, fua)
+		}
+	}
+	var code uint32
+	if err != nil {
+		code = errno(err)
+		c.failures.Add(1)
+		c.log.Error().Err(err).Str("cmd", commandName(r.typ)).Int64("offset", off).
+			Int64("length", length).Uint32("error", code).Msg("nbd backend error")
+	}
+	c.reply(r.cookie, code, nil)
+}
+
+// zeroBlock is the source of writes for WRITE_ZEROES with NO_HOLE.
+var zeroBlock = sync.OnceValue(func() []byte { return make([]byte, 1<<20) })
+
+// writeZeroBlocks zeroes a range by writing zero bytes. NO_HOLE asks that
+// the range stay allocated, and Backend.Zero may deallocate with no way to
+// ask it not to; WriteAt always allocates.
+func writeZeroBlocks(b Backend, off, length int64, fua bool) error {
+	z := zeroBlock()
+	single := length <= int64(len(z))
+	for length > 0 {
+		n := min(length, int64(len(z)))
+		if err := b.WriteAt(z[:n], off, fua && single); err != nil {
+			return err
+		}
+		off += n
+		length -= n
+	}
+	if fua && !single {
+		return b.Flush()
+	}
+	return nil
+}
+
+// reply sends a simple reply [Simple reply message]; data is the READ
+// payload, or nil. The header and data go out in one write under wmu so
+// they cannot interleave with another reply. After a failed write the
+// connection is closed and later replies are dropped.
+func (c *conn) reply(cookie uint64, code uint32, data []byte) error {
+	var hdr [16]byte
+	binary.BigEndian.PutUint32(hdr[0:], simpleReplyMagic)
+	binary.BigEndian.PutUint32(hdr[4:], code)
+	binary.BigEndian.PutUint64(hdr[8:], cookie)
+
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.writeErr != nil {
+		return c.writeErr
+	}
+	var err error
+	if data == nil {
+		_, err = c.nc.Write(hdr[:])
+	} else {
+		bufs := net.Buffers{hdr[:], data}
+		_, err = bufs.WriteTo(c.nc)
+	}
+	if err != nil {
+		c.writeErr = fmt.Errorf("write reply: %w", err)
+		if !c.stopping.Load() && !errors.Is(err, net.ErrClosed) {
+			c.log.Warn().Err(err).Msg("nbd reply failed; closing connection")
+		}
+		// Wakes the reader, which then drains the workers and returns.
+		c.abort()
+		return c.writeErr
+	}
+	return nil
+}
+
+// budget bounds the requests a connection runs at once, by count and by
+// payload bytes. Only the connection's reader acquires; workers release.
+type budget struct {
+	mu       sync.Mutex
+	freed    sync.Cond
+	count    int
+	bytes    int64
+	maxCount int
+	maxBytes int64
+}
+
+func (b *budget) init(maxCount int, maxBytes int64) {
+	b.freed.L = &b.mu
+	b.maxCount = maxCount
+	b.maxBytes = maxBytes
+}
+
+// acquire waits for room for one request of n payload bytes. A request
+// larger than the byte budget still runs, alone.
+func (b *budget) acquire(n int64) {
+	b.mu.Lock()
+	for b.count >= b.maxCount || (b.count > 0 && b.bytes+n > b.maxBytes) {
+		b.freed.Wait()
+	}
+	b.count++
+	b.bytes += n
+	b.mu.Unlock()
+}
+
+func (b *budget) release(n int64) {
+	b.mu.Lock()
+	b.count--
+	b.bytes -= n
+	b.mu.Unlock()
+	b.freed.Signal()
+}
+
+// Payload buffers are pooled by power-of-two size class (4 KiB and up), so
+// a steady stream of 4 KiB requests allocates nothing.
+const minBufferClass = 12
+
+var bufferPools [bits.UintSize]sync.Pool
+
+func bufferClass(n int) int {
+	return max(bits.Len(uint(n-1)), minBufferClass)
+}
+
+// getBuffer returns a buffer of length n > 0. Its contents are stale.
+func getBuffer(n int) *[]byte {
+	class := bufferClass(n)
+	if p, ok := bufferPools[class].Get().(*[]byte); ok {
+		*p = (*p)[:n]
+		return p
+	}
+	b := make([]byte, n, 1<<class)
+	return &b
+}
+
+func putBuffer(p *[]byte) {
+	bufferPools[bufferClass(cap(*p))].Put(p)
+}

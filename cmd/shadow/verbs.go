@@ -1,0 +1,371 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/rs/zerolog"
+	"github.com/urfave/cli/v2"
+
+	"github.com/shadow-project/shadow/cmd/internal/agent"
+	"github.com/shadow-project/shadow/cmd/internal/meta"
+)
+
+// defaultRunDir holds the control and NBD sockets unless told otherwise.
+func defaultRunDir() string {
+	return filepath.Join(os.TempDir(), fmt.Sprintf("shadow-%d", os.Getuid()))
+}
+
+func socketFlag() cli.Flag {
+	return &cli.StringFlag{Name: "socket", Usage: "the agent's control socket", EnvVars: []string{"SHADOW_SOCKET"},
+		Value: filepath.Join(defaultRunDir(), "agent.sock")}
+}
+
+func client(cc *cli.Context) *agent.Client {
+	return &agent.Client{Path: cc.String("socket")}
+}
+
+func newLogger(w io.Writer, level string) (zerolog.Logger, error) {
+	lvl, err := zerolog.ParseLevel(level)
+	if err != nil {
+		return zerolog.Nop(), fmt.Errorf("bad --log-level %q: %w", level, err)
+	}
+	if f, ok := w.(*os.File); ok {
+		if fi, err := f.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
+			w = zerolog.ConsoleWriter{Out: f, TimeFormat: time.TimeOnly}
+		}
+	}
+	return zerolog.New(w).Level(lvl).With().Timestamp().Logger(), nil
+}
+
+func agentCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "agent",
+		Usage: "run this host's shadow agent (NBD exports, merges, copies, control socket)",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.StringFlag{Name: "host", Value: "local", Usage: "this host's name in the cluster"},
+			&cli.StringFlag{Name: "nbd-unix", Value: filepath.Join(defaultRunDir(), "nbd.sock"), Usage: "unix socket for the NBD exports (empty: none)"},
+			&cli.StringFlag{Name: "nbd-listen", Value: "127.0.0.1:10809", Usage: "loopback TCP address for the NBD exports (empty: none)"},
+			&cli.Int64Flag{Name: "min-rate", Value: 16 << 20, Usage: "merge/copy rate while applications do I/O, bytes/s"},
+			&cli.Int64Flag{Name: "max-rate", Value: 0, Usage: "merge/copy rate limit when idle, bytes/s (0: none)"},
+			&cli.DurationFlag{Name: "clean-after", Value: 5 * time.Second, Usage: "idle time before a set is flushed and marked clean"},
+			&cli.StringFlag{Name: "log-level", Value: "info"},
+			&cli.StringSliceFlag{Name: "mount", Usage: "mount at start: DSAn=PATH,PATH (repeatable)"},
+			&cli.StringFlag{Name: "create-size", Usage: "create missing member files of this size (e.g. 256MiB) for --mount"},
+		},
+		Action: func(cc *cli.Context) error {
+			log, err := newLogger(cc.App.ErrWriter, cc.String("log-level"))
+			if err != nil {
+				return cli.Exit(err.Error(), 2)
+			}
+			a, err := agent.New(agent.Config{
+				Host: cc.String("host"), Socket: cc.String("socket"),
+				NBDUnix: cc.String("nbd-unix"), NBDTCP: cc.String("nbd-listen"),
+				MinRate: cc.Int64("min-rate"), MaxRate: cc.Int64("max-rate"),
+				CleanAfter: cc.Duration("clean-after"), Logger: log,
+			})
+			if err != nil {
+				return err
+			}
+			for _, spec := range cc.StringSlice("mount") {
+				if err := mountAtStart(cc, a, spec); err != nil {
+					_ = a.Shutdown(context.Background())
+					return err
+				}
+			}
+			sig := make(chan os.Signal, 1)
+			signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+			<-sig
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			return a.Shutdown(ctx)
+		},
+	}
+}
+
+func mountAtStart(cc *cli.Context, a *agent.Agent, spec string) error {
+	name, list, ok := strings.Cut(spec, "=")
+	if !ok || list == "" {
+		return cli.Exit(fmt.Sprintf("--mount %q: want DSAn=PATH[,PATH...]", spec), 2)
+	}
+	paths := strings.Split(list, ",")
+	if s := cc.String("create-size"); s != "" {
+		size, err := parseSize(s)
+		if err != nil {
+			return cli.Exit(err.Error(), 2)
+		}
+		for _, p := range paths {
+			if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
+				if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+					return err
+				}
+				if err := os.WriteFile(p, nil, 0o644); err != nil {
+					return err
+				}
+				if err := os.Truncate(p, size+meta.ReservedSize); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	res, err := a.Mount(agent.MountArgs{Set: name, Members: paths})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(cc.App.Writer, "%s mounted: %s (%d bytes)\n", name, res.URI, res.Size)
+	if tcp := a.TCPAddr(); tcp != "" {
+		fmt.Fprintf(cc.App.Writer, "%s also at nbd://%s/%s\n", name, tcp, name)
+	}
+	return nil
+}
+
+// parseSize reads sizes like 256MiB, 1GiB, 4096.
+func parseSize(s string) (int64, error) {
+	units := []struct {
+		suffix string
+		mult   int64
+	}{{"TiB", 1 << 40}, {"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}, {"T", 1 << 40}, {"G", 1 << 30}, {"M", 1 << 20}, {"K", 1 << 10}, {"", 1}}
+	for _, u := range units {
+		if num, ok := strings.CutSuffix(s, u.suffix); ok {
+			var n int64
+			if _, err := fmt.Sscanf(num, "%d", &n); err != nil || n <= 0 || fmt.Sprint(n) != num {
+				break
+			}
+			return n * u.mult, nil
+		}
+	}
+	return 0, fmt.Errorf("bad size %q (want e.g. 256MiB, 1GiB)", s)
+}
+
+func mountCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "mount",
+		Usage:     "mount a shadow set, or add a member to a mounted one",
+		ArgsUsage: "DSAn",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.StringSliceFlag{Name: "member", Usage: "member device or file (repeatable; the first is the source of a new set)"},
+			&cli.BoolFlag{Name: "include", Usage: "also mount the members the set's metadata lists"},
+			&cli.BoolFlag{Name: "confirm", Usage: "allow a full copy onto a member that holds data"},
+			&cli.BoolFlag{Name: "overwrite", Usage: "take a member of another set, one written outside the set, or one with corrupt metadata"},
+			&cli.BoolFlag{Name: "direct", Usage: "open the members with O_DIRECT"},
+			&cli.BoolFlag{Name: "json", Usage: "print the result as JSON"},
+		},
+		Action: func(cc *cli.Context) error {
+			if cc.NArg() != 1 {
+				return cli.Exit("mount: give one set name (DSAn) and --member PATH...", 2)
+			}
+			if len(cc.StringSlice("member")) == 0 {
+				return cli.Exit("mount: no --member given", 2)
+			}
+			var res agent.MountResult
+			err := client(cc).Call("mount", agent.MountArgs{Set: cc.Args().First(), Members: absAll(cc.StringSlice("member")),
+				Include: cc.Bool("include"), Confirm: cc.Bool("confirm"), Overwrite: cc.Bool("overwrite"), Direct: cc.Bool("direct")}, &res)
+			if err != nil {
+				return cli.Exit("mount: "+err.Error(), 1)
+			}
+			if cc.Bool("json") {
+				return json.NewEncoder(cc.App.Writer).Encode(res)
+			}
+			for _, w := range res.Warnings {
+				fmt.Fprintf(cc.App.ErrWriter, "warning: %s\n", w)
+			}
+			fmt.Fprintf(cc.App.Writer, "%%MOUNT-I-MOUNTED, %s mounted (%d bytes) at %s\n", res.Set, res.Size, res.URI)
+			for _, c := range res.Copies {
+				fmt.Fprintf(cc.App.Writer, "%%MOUNT-I-SHDWMEMCOPY, %s added to the shadow set with a copy operation\n", c)
+			}
+			return nil
+		},
+	}
+}
+
+func absAll(ps []string) []string {
+	out := make([]string, len(ps))
+	for i, p := range ps {
+		if a, err := filepath.Abs(p); err == nil {
+			p = a
+		}
+		out[i] = p
+	}
+	return out
+}
+
+func dismountCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "dismount",
+		Usage:     "dismount a shadow set, or remove one member",
+		ArgsUsage: "DSAn",
+		Flags:     []cli.Flag{socketFlag(), &cli.StringFlag{Name: "member", Usage: "remove only this member"}},
+		Action: func(cc *cli.Context) error {
+			if cc.NArg() != 1 {
+				return cli.Exit("dismount: give one set name (DSAn)", 2)
+			}
+			args := agent.DismountArgs{Set: cc.Args().First()}
+			if m := cc.String("member"); m != "" {
+				args.Member = absAll([]string{m})[0]
+			}
+			if err := client(cc).Call("dismount", args, nil); err != nil {
+				return cli.Exit("dismount: "+err.Error(), 1)
+			}
+			return nil
+		},
+	}
+}
+
+func setCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "set",
+		Usage:     "change a mounted shadow set (SET SHADOW)",
+		ArgsUsage: "DSAn",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.BoolFlag{Name: "demand-merge", Usage: "merge the set now"},
+			&cli.IntFlag{Name: "priority", Usage: "merge/copy priority on this host (0–10000; 0: never here)"},
+			&cli.IntFlag{Name: "read-cost", Usage: "read cost of --member (1–65535; 0 restores the default)"},
+			&cli.StringFlag{Name: "member", Usage: "the member --read-cost applies to"},
+			&cli.StringFlag{Name: "copy-source", Usage: "full member copies read from"},
+			&cli.StringFlag{Name: "force-removal", Usage: "expel this member now"},
+		},
+		Action: func(cc *cli.Context) error {
+			if cc.NArg() != 1 {
+				return cli.Exit("set: give one set name (DSAn)", 2)
+			}
+			args := agent.SetArgs{Set: cc.Args().First(), DemandMerge: cc.Bool("demand-merge"),
+				Member: cc.String("member"), CopySource: cc.String("copy-source"), ForceRemoval: cc.String("force-removal")}
+			n := 0
+			if args.DemandMerge {
+				n++
+			}
+			if cc.IsSet("priority") {
+				p := cc.Int("priority")
+				args.Priority = &p
+				n++
+			}
+			if cc.IsSet("read-cost") {
+				r := cc.Int("read-cost")
+				args.ReadCost = &r
+				n++
+			}
+			if args.CopySource != "" {
+				n++
+			}
+			if args.ForceRemoval != "" {
+				n++
+			}
+			if n != 1 {
+				return cli.Exit("set: give exactly one of --demand-merge, --priority, --read-cost, --copy-source, --force-removal", 2)
+			}
+			if err := client(cc).Call("set", args, nil); err != nil {
+				return cli.Exit("set: "+err.Error(), 1)
+			}
+			return nil
+		},
+	}
+}
+
+func showCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "show",
+		Usage:     "show shadow sets (SHOW SHADOW)",
+		ArgsUsage: "[DSAn]",
+		Flags: []cli.Flag{
+			socketFlag(),
+			&cli.BoolFlag{Name: "full", Usage: "also show hosts and ops"},
+			&cli.BoolFlag{Name: "json", Usage: "machine-readable output (stable; see docs/cli.md)"},
+			&cli.BoolFlag{Name: "watch", Usage: "redraw every second with progress bars until no merge or copy is left"},
+			&cli.DurationFlag{Name: "interval", Value: time.Second, Usage: "redraw interval for --watch"},
+		},
+		Action: func(cc *cli.Context) error {
+			args := agent.ShowArgs{Set: cc.Args().First()}
+			for {
+				var r agent.ShowReport
+				if err := client(cc).Call("show", args, &r); err != nil {
+					return cli.Exit("show: "+err.Error(), 1)
+				}
+				if cc.Bool("json") {
+					if err := json.NewEncoder(cc.App.Writer).Encode(r); err != nil {
+						return err
+					}
+				} else {
+					fmt.Fprint(cc.App.Writer, agent.FormatShow(r, cc.Bool("full")))
+				}
+				if !cc.Bool("watch") {
+					return nil
+				}
+				active := false
+				for _, s := range r.Sets {
+					for _, op := range s.Ops {
+						active = true
+						if !cc.Bool("json") {
+							fmt.Fprintf(cc.App.Writer, "  %s %-10s %s %s\n", s.Name, op.Kind, op.State, agent.ProgressBar(op.ProgressPct, 40))
+						}
+					}
+				}
+				if !active {
+					return nil
+				}
+				time.Sleep(cc.Duration("interval"))
+			}
+		},
+	}
+}
+
+func examineCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "examine",
+		Usage:     "print a member's metadata (like mdadm --examine)",
+		ArgsUsage: "PATH",
+		Action: func(cc *cli.Context) error {
+			if cc.NArg() != 1 {
+				return cli.Exit("examine: give one member path", 2)
+			}
+			f, err := os.Open(cc.Args().First())
+			if err != nil {
+				return cli.Exit("examine: "+err.Error(), 1)
+			}
+			defer f.Close()
+			dev, err := readOnlyMember(f)
+			if err != nil {
+				return cli.Exit("examine: "+err.Error(), 1)
+			}
+			m, warnings, err := meta.Read(dev)
+			if err != nil {
+				return cli.Exit(fmt.Sprintf("examine: %s: %v", f.Name(), err), 1)
+			}
+			fmt.Fprint(cc.App.Writer, meta.Examine(m, warnings))
+			return nil
+		},
+	}
+}
+
+// roMember reads a member without the agent's exclusive lock: examine
+// must work while the set is mounted.
+type roMember struct {
+	f    *os.File
+	size int64
+}
+
+func readOnlyMember(f *os.File) (*roMember, error) {
+	size, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return nil, err
+	}
+	return &roMember{f: f, size: size}, nil
+}
+
+func (m *roMember) ReadAt(p []byte, off int64) (int, error) { return m.f.ReadAt(p, off) }
+func (m *roMember) WriteAt([]byte, int64) (int, error) {
+	return 0, errors.New("examine opens members read-only")
+}
+func (m *roMember) Flush() error { return nil }
+func (m *roMember) Size() int64  { return m.size }
