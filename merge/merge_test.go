@@ -132,8 +132,9 @@ func TestMergeStopsPromptlyOnCancelAndThrottles(t *testing.T) {
 		if elapsed := time.Since(start); elapsed > 3*time.Second {
 			t.Fatalf("cancel took until %v of virtual time", elapsed)
 		}
-		if last != 0 {
-			t.Fatalf("checkpoint %d recorded before the first 64 MiB", last)
+		// About 8 chunks moved in 2 s: no checkpoint may claim more.
+		if last*512 > 10<<20 {
+			t.Fatalf("checkpoint at LBN %d claims more than was merged", last)
 		}
 	})
 }

@@ -39,7 +39,8 @@ type Config struct {
 	Flush func() error
 	// Progress reports a checkpoint: everything below byte offset done is
 	// done and durable. Called after Flush, every CheckpointEvery bytes
-	// and once at the end with Size.
+	// (default: 1% of the volume, between one chunk and 64 MiB) and once
+	// at the end with Size.
 	Progress        func(done int64)
 	CheckpointEvery int64
 	// MinRate and MaxRate bound the speed in bytes per second (0: no
@@ -55,7 +56,10 @@ func Run(ctx context.Context, c Config) error {
 		c.Chunk = DefaultChunk
 	}
 	if c.CheckpointEvery <= 0 {
-		c.CheckpointEvery = DefaultCheckpointEvery
+		// About every 1% of the volume, so progress shows, but no more
+		// often than every chunk nor less than every 64 MiB: each
+		// checkpoint costs a flush and a metadata write.
+		c.CheckpointEvery = min(max(c.Size/100, c.Chunk), DefaultCheckpointEvery)
 	}
 	if c.Start < 0 || c.Start > c.Size {
 		return fmt.Errorf("walk: start %d outside volume of %d bytes", c.Start, c.Size)

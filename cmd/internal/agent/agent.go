@@ -20,6 +20,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/shadow-project/shadow/cmd/internal/device"
 	"github.com/shadow-project/shadow/cmd/internal/nbd"
 	"github.com/shadow-project/shadow/shadowset"
 )
@@ -40,6 +41,9 @@ type Config struct {
 	// marked clean (default 5 s).
 	CleanAfter time.Duration
 	Logger     zerolog.Logger
+	// OpenDevice opens members (default device.Open); tests wrap the
+	// devices to inject faults and power losses.
+	OpenDevice func(path string, opts device.Options) (device.Device, error)
 }
 
 // Agent is one host's agent.
@@ -74,6 +78,9 @@ func New(cfg Config) (*Agent, error) {
 	}
 	if cfg.CleanAfter <= 0 {
 		cfg.CleanAfter = 5 * time.Second
+	}
+	if cfg.OpenDevice == nil {
+		cfg.OpenDevice = device.Open
 	}
 	if cfg.NBDUnix == "" && cfg.NBDTCP == "" {
 		return nil, errors.New("agent: no NBD listener configured")

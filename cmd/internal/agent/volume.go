@@ -109,8 +109,8 @@ type probe struct {
 
 const blankSample = 1 << 20
 
-func openProbe(path string, direct, overwrite bool) (*probe, error) {
-	dev, err := device.Open(path, device.Options{Direct: direct})
+func (a *Agent) openProbe(path string, direct, overwrite bool) (*probe, error) {
+	dev, err := a.cfg.OpenDevice(path, device.Options{Direct: direct})
 	if err != nil {
 		return nil, err
 	}
@@ -188,7 +188,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		if slices.ContainsFunc(probes, func(p *probe) bool { return p.path == path }) {
 			return nil, fmt.Errorf("mount %s: %s named twice", args.Set, path)
 		}
-		p, err := openProbe(path, args.Direct, args.Overwrite)
+		p, err := a.openProbe(path, args.Direct, args.Overwrite)
 		if err != nil {
 			return nil, fmt.Errorf("mount %s: %w", args.Set, err)
 		}
@@ -221,7 +221,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 				res.Warnings = append(res.Warnings, fmt.Sprintf("%s: member %s listed in the metadata is not present", m.PathHint, m.UUID))
 				continue
 			}
-			p, err := openProbe(m.PathHint, args.Direct, false)
+			p, err := a.openProbe(m.PathHint, args.Direct, false)
 			if err != nil {
 				return nil, fmt.Errorf("mount %s --include: %w", args.Set, err)
 			}
@@ -430,7 +430,7 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	if dup {
 		return nil, fmt.Errorf("%s is already a member of %s", path, vol.name)
 	}
-	p, err := openProbe(path, args.Direct, args.Overwrite)
+	p, err := a.openProbe(path, args.Direct, args.Overwrite)
 	if err != nil {
 		return nil, err
 	}

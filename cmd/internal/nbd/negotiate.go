@@ -42,8 +42,7 @@ type conn struct {
 	size     uint64
 	readOnly bool
 
-	wmu      sync.Mutex // serialises replies; guards writeErr
-	writeErr error
+	replies replyQueue
 
 	inflight sync.WaitGroup // requests handed to worker goroutines
 	budget   budget

@@ -2,11 +2,9 @@ package nbd
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"math/bits"
-	"net"
 	"sync"
 )
 
@@ -144,13 +142,13 @@ func (c *conn) handle(r request, payloadBytes int64) {
 	switch r.typ {
 	case cmdRead:
 		buf := getBuffer(int(r.length))
-		defer putBuffer(buf)
 		if err = b.ReadAt(*buf, off); err == nil {
 			// A READ reply is all or nothing, so the data is complete
-			// before the header goes out.
-			c.reply(r.cookie, 0, *buf)
+			// before the header goes out. reply takes the buffer.
+			c.reply(r.cookie, 0, buf)
 			return
 		}
+		putBuffer(buf)
 	case cmdWrite:
 		err = b.WriteAt(*r.payload, off, fua)
 		putBuffer(r.payload)
@@ -197,40 +195,6 @@ func writeZeroBlocks(b Backend, off, length int64, fua bool) error {
 	}
 	if fua && !single {
 		return b.Flush()
-	}
-	return nil
-}
-
-// reply sends a simple reply [Simple reply message]; data is the READ
-// payload, or nil. The header and data go out in one write under wmu so
-// they cannot interleave with another reply. After a failed write the
-// connection is closed and later replies are dropped.
-func (c *conn) reply(cookie uint64, code uint32, data []byte) error {
-	var hdr [16]byte
-	binary.BigEndian.PutUint32(hdr[0:], simpleReplyMagic)
-	binary.BigEndian.PutUint32(hdr[4:], code)
-	binary.BigEndian.PutUint64(hdr[8:], cookie)
-
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.writeErr != nil {
-		return c.writeErr
-	}
-	var err error
-	if data == nil {
-		_, err = c.nc.Write(hdr[:])
-	} else {
-		bufs := net.Buffers{hdr[:], data}
-		_, err = bufs.WriteTo(c.nc)
-	}
-	if err != nil {
-		c.writeErr = fmt.Errorf("write reply: %w", err)
-		if !c.stopping.Load() && !errors.Is(err, net.ErrClosed) {
-			c.log.Warn().Err(err).Msg("nbd reply failed; closing connection")
-		}
-		// Wakes the reader, which then drains the workers and returns.
-		c.abort()
-		return c.writeErr
 	}
 	return nil
 }

@@ -370,6 +370,10 @@ func (v *VU) Flush() error {
 func (v *VU) everyMember(what string, op func(Device) error) error {
 	v.mu.RLock()
 	ms := append([]*member(nil), v.members...)
+	roles := make([]Role, len(ms))
+	for i, m := range ms {
+		roles[i] = m.role // roles change under v.mu (a copy completes)
+	}
 	v.mu.RUnlock()
 	errs := make([]error, len(ms))
 	var wg sync.WaitGroup
@@ -387,10 +391,10 @@ func (v *VU) everyMember(what string, op func(Device) error) error {
 
 	fullOK := 0
 	var failed []int
-	for i, m := range ms {
+	for i := range ms {
 		if errs[i] != nil {
 			failed = append(failed, i)
-		} else if m.role == Full {
+		} else if roles[i] == Full {
 			fullOK++
 		}
 	}

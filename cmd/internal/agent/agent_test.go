@@ -1,0 +1,455 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/rs/zerolog"
+
+	"github.com/shadow-project/shadow/cmd/internal/device"
+	"github.com/shadow-project/shadow/cmd/internal/meta"
+)
+
+const testData = 16 << 20 // volume bytes per member
+
+// shortDir is a temp folder with a short path: unix socket names are
+// limited to 108 bytes.
+func shortDir(t *testing.T) string {
+	d, err := os.MkdirTemp("", "sh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(d) })
+	return d
+}
+
+func makeMember(t *testing.T, path string) {
+	t.Helper()
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, testData+meta.ReservedSize); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func startAgent(t *testing.T, dir string, open func(string, device.Options) (device.Device, error)) *Agent {
+	t.Helper()
+	a, err := New(Config{Host: "A", Socket: filepath.Join(dir, "a.sock"), NBDUnix: filepath.Join(dir, "n.sock"),
+		CleanAfter: time.Hour, Logger: zerolog.Nop(), OpenDevice: open})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// kill stops an agent the way SIGKILL would: nothing is flushed or
+// recorded; only the member files are released.
+func (a *Agent) kill() {
+	a.api.Close()
+	_ = a.nbd.Shutdown(context.Background())
+	a.closeListeners()
+	a.elog.Close()
+	a.stop()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, v := range a.sets {
+		close(v.stopCleaner)
+		for _, m := range v.members {
+			m.dev.Close()
+		}
+		for _, d := range v.retired {
+			d.Close()
+		}
+	}
+}
+
+// waitIdle waits until the set has no merge or copy.
+func waitIdle(t *testing.T, a *Agent, set string) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		r, err := a.Show(set)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(r.Sets[0].Ops) == 0 {
+			return
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	r, _ := a.Show(set)
+	t.Fatalf("%s still busy: %+v", set, r.Sets[0].Ops)
+}
+
+func dataOf(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b[:testData]
+}
+
+func TestCreateWriteRemountClean(t *testing.T) {
+	dir := shortDir(t)
+	m1, m2 := filepath.Join(dir, "m1"), filepath.Join(dir, "m2")
+	makeMember(t, m1)
+	makeMember(t, m2)
+	a := startAgent(t, dir, nil)
+	res, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !res.Created || res.Size != testData || len(res.Copies) != 1 {
+		t.Fatalf("mount result %+v", res)
+	}
+	waitIdle(t, a, "DSA1")
+	v := a.sets["DSA1"].vu
+	if err := v.WriteAt(bytes.Repeat([]byte("shadow"), 1000), 12345, true); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(dataOf(t, m1), dataOf(t, m2)) {
+		t.Fatal("members differ after an orderly shutdown")
+	}
+	// Clean: the next mount needs no merge and no copy.
+	a = startAgent(t, dir, nil)
+	defer a.Shutdown(context.Background())
+	res, err = a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, _ := a.Show("DSA1")
+	if res.Created || len(res.Copies) != 0 || len(r.Sets[0].Ops) != 0 {
+		t.Fatalf("remount of a clean set: %+v, ops %+v", res, r.Sets[0].Ops)
+	}
+}
+
+// TestPowerLossCrashes: ten power losses through the fault-injecting
+// device. Each restart runs a full merge; every write acknowledged before
+// a FLUSH is still readable; the members end identical.
+func TestPowerLossCrashes(t *testing.T) {
+	dir := shortDir(t)
+	m1, m2 := filepath.Join(dir, "m1"), filepath.Join(dir, "m2")
+	makeMember(t, m1)
+	makeMember(t, m2)
+	a := startAgent(t, dir, nil)
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, a, "DSA1")
+	if err := a.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	durable := make([]byte, testData) // what every flushed write left
+	copy(durable, dataOf(t, m1))
+	rng := rand.New(rand.NewPCG(42, 7))
+	for round := range 10 {
+		var mu sync.Mutex
+		var faulty []*device.Faulty
+		a := startAgent(t, dir, func(p string, o device.Options) (device.Device, error) {
+			d, err := device.Open(p, o)
+			if err != nil {
+				return nil, err
+			}
+			f := device.NewFaulty(d)
+			f.PowerLoss()
+			mu.Lock()
+			faulty = append(faulty, f)
+			mu.Unlock()
+			return f, nil
+		})
+		if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		if round > 0 {
+			waitIdle(t, a, "DSA1") // the merge the crash required
+		}
+		v := a.sets["DSA1"].vu
+		type write struct {
+			off int64
+			buf []byte
+		}
+		var pending []write // unflushed, in order: later ones win
+		for range 40 + rng.IntN(40) {
+			off := int64(rng.IntN(testData/4096)) * 4096
+			buf := make([]byte, 4096*(1+rng.IntN(4)))
+			for i := range buf {
+				buf[i] = byte(rng.UintN(256))
+			}
+			if off+int64(len(buf)) > testData {
+				continue
+			}
+			if err := v.WriteAt(buf, off, false); err != nil {
+				t.Fatal(err)
+			}
+			pending = append(pending, write{off, buf})
+			if rng.IntN(8) == 0 {
+				if err := v.Flush(); err != nil {
+					t.Fatal(err)
+				}
+				for _, w := range pending {
+					copy(durable[w.off:], w.buf)
+				}
+				pending = nil
+			}
+		}
+		// Writes not yet flushed may or may not survive: remember both
+		// possibilities by taking whatever the merge keeps, below.
+		for _, f := range faulty {
+			if err := f.Crash(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		a.kill()
+		a = startAgent(t, dir, nil)
+		if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
+			t.Fatalf("round %d remount: %v", round, err)
+		}
+		r, _ := a.Show("DSA1")
+		if len(r.Sets[0].Ops) != 1 || r.Sets[0].Ops[0].Kind != "full-merge" {
+			t.Fatalf("round %d: after a power loss the ops are %+v, want one full merge", round, r.Sets[0].Ops)
+		}
+		waitIdle(t, a, "DSA1")
+		if err := a.Shutdown(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		d1, d2 := dataOf(t, m1), dataOf(t, m2)
+		if !bytes.Equal(d1, d2) {
+			t.Fatalf("round %d: members differ after the merge", round)
+		}
+		for i := 0; i < testData; i += 4096 {
+			if !bytes.Equal(d1[i:i+4096], durable[i:i+4096]) {
+				inPending := false
+				for _, w := range pending {
+					if int64(i) >= w.off && int64(i) < w.off+int64(len(w.buf)) {
+						inPending = true
+					}
+				}
+				if !inPending {
+					t.Fatalf("round %d: block at %d lost a flushed write", round, i)
+				}
+			}
+		}
+		copy(durable, d1)
+	}
+}
+
+// TestExpelKeepsServing: a member whose writes fail is expelled before the
+// write is acknowledged; the set keeps serving; the last member's failure
+// fails the request instead.
+func TestExpelKeepsServing(t *testing.T) {
+	dir := shortDir(t)
+	m1, m2 := filepath.Join(dir, "m1"), filepath.Join(dir, "m2")
+	makeMember(t, m1)
+	makeMember(t, m2)
+	faulty := map[string]*device.Faulty{}
+	var mu sync.Mutex
+	a := startAgent(t, dir, func(p string, o device.Options) (device.Device, error) {
+		d, err := device.Open(p, o)
+		if err != nil {
+			return nil, err
+		}
+		f := device.NewFaulty(d)
+		mu.Lock()
+		faulty[p] = f
+		mu.Unlock()
+		return f, nil
+	})
+	defer a.Shutdown(context.Background())
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, a, "DSA1")
+	v := a.sets["DSA1"].vu
+	eio := errors.New("injected EIO")
+	faulty[m2].Inject(device.When(func(op device.Op, off, n int64) bool { return op == device.OpWrite && off < testData }, eio, 0))
+	if err := v.WriteAt([]byte("still here"), 4096, false); err != nil {
+		t.Fatalf("write with one good member: %v", err)
+	}
+	r, _ := a.Show("DSA1")
+	if len(r.Sets[0].Members) != 1 || r.Sets[0].Members[0].Path != m1 {
+		t.Fatalf("members after the failure: %+v", r.Sets[0].Members)
+	}
+	got := make([]byte, 10)
+	if err := v.ReadAt(got, 4096); err != nil || string(got) != "still here" {
+		t.Fatalf("read after expel: %q %v", got, err)
+	}
+	md, _, err := meta.Read(faulty[m1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	removed := 0
+	for _, m := range md.Members {
+		if m.Role == meta.RoleRemoved {
+			removed++
+		}
+	}
+	if removed != 1 {
+		t.Fatalf("survivor's metadata does not record the expulsion: %+v", md.Members)
+	}
+	faulty[m1].Inject(device.When(func(op device.Op, off, n int64) bool { return op == device.OpWrite && off < testData }, eio, 0))
+	if err := v.WriteAt([]byte("x"), 0, false); err == nil {
+		t.Fatal("a write failing on the last member was acknowledged")
+	}
+	if r, _ := a.Show("DSA1"); len(r.Sets[0].Members) != 1 {
+		t.Fatal("the last member was expelled")
+	}
+}
+
+func TestMountRefusals(t *testing.T) {
+	dir := shortDir(t)
+	paths := map[string]string{}
+	for _, n := range []string{"a1", "a2", "b1", "b2", "junk"} {
+		paths[n] = filepath.Join(dir, n)
+		makeMember(t, paths[n])
+	}
+	if err := os.WriteFile(paths["junk"], bytes.Repeat([]byte{1}, 4096), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(paths["junk"], testData+meta.ReservedSize); err != nil {
+		t.Fatal(err)
+	}
+	a := startAgent(t, dir, nil)
+	defer a.Shutdown(context.Background())
+	mustMount := func(set string, ms ...string) {
+		t.Helper()
+		if _, err := a.Mount(MountArgs{Set: set, Members: ms}); err != nil {
+			t.Fatal(err)
+		}
+		waitIdle(t, a, set)
+	}
+	mustMount("DSA1", paths["a1"], paths["a2"])
+	mustMount("DSA2", paths["b1"], paths["b2"])
+	if err := a.dismountSet("DSA2"); err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		args MountArgs
+		want string
+	}{
+		{MountArgs{Set: "DSA3", Members: []string{paths["b1"]}}, "is a member of DSA2"},
+		{MountArgs{Set: "DSA3", Members: []string{paths["a1"]}}, "busy"},
+		{MountArgs{Set: "DSA3", Members: []string{paths["b2"], paths["junk"]}}, "is a member of DSA2"},
+		{MountArgs{Set: "DSA1", Members: []string{paths["junk"]}}, "holds data and would get a full copy: use --confirm"},
+		{MountArgs{Set: "DSAX", Members: []string{paths["junk"]}}, "not DSAn"},
+		{MountArgs{Set: "DSA4", Members: []string{filepath.Join(dir, "missing")}}, "no such file"},
+	}
+	for _, c := range cases {
+		_, err := a.Mount(c.args)
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("mount %+v: %v, want %q", c.args, err, c.want)
+		}
+	}
+	// Creating over a non-blank second member needs --overwrite.
+	fresh := filepath.Join(dir, "fresh")
+	makeMember(t, fresh)
+	if _, err := a.Mount(MountArgs{Set: "DSA5", Members: []string{fresh, paths["junk"]}}); err == nil || !strings.Contains(err.Error(), "not blank") {
+		t.Errorf("creation over a non-blank member: %v", err)
+	}
+	// A corrupt slot falls back to the other with a warning; both corrupt
+	// are refused.
+	corrupt := func(p string, slot int) {
+		f, err := os.OpenFile(p, os.O_RDWR, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		_, area, _ := meta.Layout(testData + meta.ReservedSize)
+		if _, err := f.WriteAt([]byte("garbage"), area.Slots[slot]+100); err != nil {
+			t.Fatal(err)
+		}
+	}
+	corrupt(paths["b1"], 0)
+	res, err := a.Mount(MountArgs{Set: "DSA2", Members: []string{paths["b1"], paths["b2"]}})
+	if err != nil {
+		t.Fatalf("one corrupt slot: %v", err)
+	}
+	if !strings.Contains(fmt.Sprint(res.Warnings), "corrupt") {
+		t.Errorf("no warning about the corrupt slot: %v", res.Warnings)
+	}
+	if err := a.dismountSet("DSA2"); err != nil {
+		t.Fatal(err)
+	}
+	corrupt(paths["b1"], 0)
+	corrupt(paths["b1"], 1)
+	if _, err := a.Mount(MountArgs{Set: "DSA2", Members: []string{paths["b1"]}}); err == nil || !strings.Contains(err.Error(), "corrupt") {
+		t.Errorf("both slots corrupt: %v", err)
+	}
+}
+
+func TestAddMemberFullCopyShowsProgress(t *testing.T) {
+	dir := shortDir(t)
+	m1, m2, m3 := filepath.Join(dir, "m1"), filepath.Join(dir, "m2"), filepath.Join(dir, "m3")
+	for _, p := range []string{m1, m2, m3} {
+		makeMember(t, p)
+	}
+	a, err := New(Config{Host: "A", Socket: filepath.Join(dir, "a.sock"), NBDUnix: filepath.Join(dir, "n.sock"),
+		CleanAfter: time.Hour, Logger: zerolog.Nop(), MaxRate: 8 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Shutdown(context.Background())
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, a, "DSA1")
+	v := a.sets["DSA1"].vu
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() { // application writes during the copy
+		rng := rand.New(rand.NewPCG(9, 9))
+		buf := make([]byte, 4096)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			for i := range buf {
+				buf[i] = byte(rng.UintN(256))
+			}
+			if err := v.WriteAt(buf, int64(rng.IntN(testData/4096))*4096, false); err != nil {
+				t.Error(err)
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	})
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m3}}); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[int]bool{}
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		r, _ := a.Show("DSA1")
+		if len(r.Sets[0].Ops) == 0 {
+			break
+		}
+		seen[r.Sets[0].Ops[0].ProgressPct] = true
+	}
+	close(stop)
+	wg.Wait()
+	waitIdle(t, a, "DSA1")
+	if len(seen) < 2 {
+		t.Errorf("show saw copy progress %v, want it to move", seen)
+	}
+	if err := a.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	d1 := dataOf(t, m1)
+	if !bytes.Equal(d1, dataOf(t, m2)) || !bytes.Equal(d1, dataOf(t, m3)) {
+		t.Fatal("members differ after the copy under load")
+	}
+}
