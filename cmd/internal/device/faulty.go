@@ -105,7 +105,9 @@ func (f *Faulty) ClearRules() {
 }
 
 // PowerLoss arms recording: from now on every write and zero keeps the
-// old contents of its range until a Flush succeeds.
+// old contents of its range until a Flush succeeds. The undo log costs
+// memory equal to the bytes written and zeroed since the last Flush (a
+// test should not Zero a whole large device while armed).
 func (f *Faulty) PowerLoss() {
 	f.mu.Lock()
 	f.armed = true

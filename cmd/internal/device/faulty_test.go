@@ -58,7 +58,7 @@ func TestFaultyReadErrorNotSticky(t *testing.T) {
 // a delay into reads of another, and leaves everything else alone.
 func TestFaultyPredicate(t *testing.T) {
 	f := NewFaulty(mustOpen(t, newFile(t, 64<<10), Options{}))
-	const delay = 50 * time.Millisecond
+	const delay = 200 * time.Millisecond
 	var seen sync.Map
 	// A raw Rule, as the type allows.
 	//lint:ignore ST1008 Rule puts the error first

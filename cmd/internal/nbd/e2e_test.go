@@ -360,6 +360,17 @@ func testNbdsh(t *testing.T, srv *e2eServer, transport string) {
 	if res.Stdout != want {
 		t.Fatalf("nbdsh printed %q, want %q\nstderr: %s", res.Stdout, want, res.Stderr)
 	}
+	if srv.dsa1.fuaWrites.Load() == 0 || srv.dsa1.trims.Load() == 0 || srv.dsa1.zeroes.Load() == 0 {
+		t.Fatalf("FUA write, TRIM or WRITE_ZEROES did not reach the backend")
+	}
+
+	// NBD_CMD_DISC after an unanswered write: the server finishes the
+	// write before closing [checklist: DISC drains].
+	runToolOK(t, time.Minute, "nbdsh", "-u", uri, "-c", `h.aio_pwrite(b"\xaa"*4096, 8192); h.shutdown()`)
+	res = runToolOK(t, time.Minute, "nbdsh", "-u", uri, "-c", `print(bytes(h.pread(4096, 8192)) == b"\xaa"*4096)`)
+	if res.Stdout != "True\n" {
+		t.Fatalf("write before NBD_CMD_DISC lost: %q", res.Stdout)
+	}
 
 	// The error checklist, through a real client with strict mode off so
 	// the requests reach the server: read past end, write past end, an

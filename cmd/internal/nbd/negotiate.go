@@ -42,7 +42,8 @@ type conn struct {
 	size     uint64
 	readOnly bool
 
-	replies replyQueue
+	wmu      sync.Mutex // serialises replies; guards writeErr
+	writeErr error
 
 	inflight sync.WaitGroup // requests handed to worker goroutines
 	budget   budget

@@ -60,11 +60,32 @@ func expectReply(r simpleReply, err error) func(t testing.TB, what string, want 
 // gate holds backend calls until opened; it opens itself when the test
 // ends so a failing test cannot leave Shutdown waiting on a held call.
 type gate struct {
-	ch   chan struct{}
-	once sync.Once
+	ch      chan struct{}
+	once    sync.Once
+	reached chan struct{} // one token per call that reached the gate
 }
 
-func newGate() *gate { return &gate{ch: make(chan struct{})} }
+func newGate() *gate {
+	return &gate{ch: make(chan struct{}), reached: make(chan struct{}, 1024)}
+}
+
+// hold is a memBackend readGate/writeGate that holds every call.
+func (g *gate) hold(int64) <-chan struct{} {
+	g.reached <- struct{}{}
+	return g.ch
+}
+
+// waitHeld waits until n more calls have reached the gate.
+func (g *gate) waitHeld(t testing.TB, n int) {
+	t.Helper()
+	for i := range n {
+		select {
+		case <-g.reached:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("only %d of %d backend calls reached the gate", i, n)
+		}
+	}
+}
 
 func (g *gate) open() { g.once.Do(func() { close(g.ch) }) }
 
@@ -544,14 +565,15 @@ func TestConcurrentRequestsOutOfOrder(t *testing.T) {
 	release := newGate()
 	b.readGate = func(off int64) <-chan struct{} {
 		if off == 0 {
-			return release.ch
+			return release.hold(off)
 		}
 		return nil
 	}
 	ts := startTestServer(t, testOptions(t), Export{Name: "DSA1", Backend: b})
 	release.openOnCleanup(t)
 	c, _ := ts.goClient(t, "DSA1")
-	const n = 100 // writes go to the upper half, reads to the lower
+	// Writes go to the upper half of the device, reads to the lower.
+	const n = 100
 	expect := map[uint64][]byte{} // cookie → data a READ must return (nil: a write)
 	check(t, c.sendRequest(0, cmdRead, 0, 0, 4096, nil))
 	for i := uint64(1); i <= n; i++ {
@@ -594,14 +616,7 @@ func TestConcurrentRequestsOutOfOrder(t *testing.T) {
 func TestInFlightBounded(t *testing.T) {
 	b := newMemBackend(testExportSize)
 	release := newGate()
-	var mu sync.Mutex
-	waiting := 0
-	b.readGate = func(int64) <-chan struct{} {
-		mu.Lock()
-		waiting++
-		mu.Unlock()
-		return release.ch
-	}
+	b.readGate = release.hold
 	opts := testOptions(t)
 	opts.MaxInFlight = 4
 	ts := startTestServer(t, opts, Export{Name: "DSA1", Backend: b})
@@ -610,12 +625,10 @@ func TestInFlightBounded(t *testing.T) {
 	for i := range uint64(10) {
 		check(t, c.sendRequest(0, cmdRead, i, i*512, 512, nil))
 	}
+	release.waitHeld(t, 4)
 	time.Sleep(200 * time.Millisecond) // give an unbounded server time to overshoot
-	mu.Lock()
-	got := waiting
-	mu.Unlock()
-	if got != 4 {
-		t.Fatalf("%d requests in the backend, want 4", got)
+	if extra := len(release.reached); extra != 0 {
+		t.Fatalf("%d requests in the backend, want 4", 4+extra)
 	}
 	release.open()
 	for range 10 {
@@ -652,13 +665,13 @@ func TestFlushCoversAcknowledgedWrites(t *testing.T) {
 func TestDisconnectFinishesInFlight(t *testing.T) {
 	b := newMemBackend(testExportSize)
 	release := newGate()
-	b.writeGate = func(int64) <-chan struct{} { return release.ch }
+	b.writeGate = release.hold
 	ts := startTestServer(t, testOptions(t), Export{Name: "DSA1", Backend: b})
 	release.openOnCleanup(t)
 	c, _ := ts.goClient(t, "DSA1")
 	check(t, c.sendRequest(0, cmdWrite, 7, 0, 4, []byte("data")))
 	check(t, c.sendRequest(0, cmdDisc, 8, 0, 0, nil))
-	time.Sleep(50 * time.Millisecond)
+	release.waitHeld(t, 1)
 	release.open()
 	r := must(c.readReply())(t)
 	if r.Cookie != 7 || r.Error != 0 {
@@ -676,13 +689,13 @@ func TestDisconnectFinishesInFlight(t *testing.T) {
 func TestRemoveExport(t *testing.T) {
 	b := newMemBackend(testExportSize)
 	release := newGate()
-	b.writeGate = func(int64) <-chan struct{} { return release.ch }
+	b.writeGate = release.hold
 	ts := startTestServer(t, testOptions(t), Export{Name: "DSA1", Backend: b}, Export{Name: "DSA2", Backend: newMemBackend(4096)})
 	release.openOnCleanup(t)
 	c, _ := ts.goClient(t, "DSA1")
 	other, _ := ts.goClient(t, "DSA2")
 	check(t, c.sendRequest(0, cmdWrite, 1, 0, 4, []byte("last")))
-	time.Sleep(50 * time.Millisecond) // let the write reach the gate
+	release.waitHeld(t, 1)
 
 	removed := make(chan struct{})
 	go func() { ts.RemoveExport("DSA1"); close(removed) }()
@@ -712,7 +725,7 @@ func TestRemoveExport(t *testing.T) {
 func TestShutdownFinishesInFlight(t *testing.T) {
 	b := newMemBackend(testExportSize)
 	release := newGate()
-	b.writeGate = func(int64) <-chan struct{} { return release.ch }
+	b.writeGate = release.hold
 	ts := startTestServer(t, testOptions(t), Export{Name: "DSA1", Backend: b})
 	release.openOnCleanup(t)
 
@@ -720,7 +733,7 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 	idle := dialTest(t, "tcp", ts.addr)
 	check(t, idle.handshake(flagCFixedNewstyle)) // still negotiating
 	check(t, c.sendRequest(0, cmdWrite, 1, 0, 4, []byte("last")))
-	time.Sleep(50 * time.Millisecond)
+	release.waitHeld(t, 1)
 
 	shut := make(chan error, 1)
 	go func() { shut <- ts.Shutdown(context.Background()) }()
@@ -741,7 +754,7 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 func TestShutdownDeadline(t *testing.T) {
 	b := newMemBackend(testExportSize)
 	release := newGate()
-	b.writeGate = func(int64) <-chan struct{} { return release.ch }
+	b.writeGate = release.hold
 	// The cleanup opens the gate, then shuts down again, which waits for
 	// the abandoned write, so nothing logs after the test ends.
 	ts := startTestServer(t, testOptions(t), Export{Name: "DSA1", Backend: b})
@@ -749,7 +762,7 @@ func TestShutdownDeadline(t *testing.T) {
 
 	c, _ := ts.goClient(t, "DSA1")
 	check(t, c.sendRequest(0, cmdWrite, 1, 0, 4, []byte("last")))
-	time.Sleep(50 * time.Millisecond)
+	release.waitHeld(t, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	if err := ts.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
@@ -778,13 +791,13 @@ func TestAddExportValidation(t *testing.T) {
 
 func TestErrnoMapping(t *testing.T) {
 	for err, want := range map[error]uint32{
-		syscall.ENOSPC:                        errNoSpc,
-		fmt.Errorf("x: %w", syscall.EDQUOT):   errNoSpc,
-		syscall.EPERM:                         errPerm,
-		fmt.Errorf("x: %w", syscall.EINVAL):   errInval,
-		syscall.EIO:                           errIO,
-		io.ErrUnexpectedEOF:                   errIO,
-		fmt.Errorf("x: %w", syscall.EROFS):    errPerm,
+		syscall.ENOSPC:                         errNoSpc,
+		fmt.Errorf("x: %w", syscall.EDQUOT):    errNoSpc,
+		syscall.EPERM:                          errPerm,
+		fmt.Errorf("x: %w", syscall.EINVAL):    errInval,
+		syscall.EIO:                            errIO,
+		io.ErrUnexpectedEOF:                    errIO,
+		fmt.Errorf("x: %w", syscall.EROFS):     errPerm,
 		fmt.Errorf("x: %w", syscall.ESHUTDOWN): errShutdn,
 	} {
 		if got := errno(err); got != want {

@@ -142,13 +142,13 @@ func (c *conn) handle(r request, payloadBytes int64) {
 	switch r.typ {
 	case cmdRead:
 		buf := getBuffer(int(r.length))
+		defer putBuffer(buf)
 		if err = b.ReadAt(*buf, off); err == nil {
 			// A READ reply is all or nothing, so the data is complete
-			// before the header goes out. reply takes the buffer.
-			c.reply(r.cookie, 0, buf)
+			// before the header goes out.
+			c.reply(r.cookie, 0, *buf)
 			return
 		}
-		putBuffer(buf)
 	case cmdWrite:
 		err = b.WriteAt(*r.payload, off, fua)
 		putBuffer(r.payload)

@@ -1,0 +1,457 @@
+package main
+
+// End-to-end tests: the real binary as an agent process, driven by the
+// real CLI and by real NBD clients (nbdinfo, nbdcopy, fio, nbdfuse with a
+// kernel filesystem). A missing tool skips its test, unless
+// SHADOW_REQUIRE_TOOLS=1 (as in CI), where it fails.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/shadow-project/shadow/cmd/internal/agent"
+	"github.com/shadow-project/shadow/cmd/internal/meta"
+)
+
+var shadowBin string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "shbin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	shadowBin = filepath.Join(dir, "shadow")
+	if out, err := exec.Command("go", "build", "-o", shadowBin, ".").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "build shadow: %v\n%s", err, out)
+		os.Exit(1)
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func requireTools(t *testing.T, tools ...string) {
+	t.Helper()
+	for _, tool := range tools {
+		if _, err := exec.LookPath(tool); err != nil {
+			if os.Getenv("SHADOW_REQUIRE_TOOLS") == "1" {
+				t.Fatalf("%s is not installed (SHADOW_REQUIRE_TOOLS=1)", tool)
+			}
+			t.Skipf("%s is not installed", tool)
+		}
+	}
+}
+
+// run runs a command with a timeout and returns its combined output.
+func runCmd(t *testing.T, timeout time.Duration, name string, args ...string) (string, error) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = append(os.Environ(), "PATH=/usr/sbin:/sbin:/usr/bin:"+os.Getenv("PATH"))
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		return string(out), fmt.Errorf("%s timed out after %s", name, timeout)
+	}
+	return string(out), err
+}
+
+func mustRun(t *testing.T, timeout time.Duration, name string, args ...string) string {
+	t.Helper()
+	out, err := runCmd(t, timeout, name, args...)
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+// host is one agent process with its sockets.
+type host struct {
+	t       *testing.T
+	dir     string
+	sock    string
+	nbdSock string
+	cmd     *exec.Cmd
+	log     *bytes.Buffer
+}
+
+func newHost(t *testing.T) *host {
+	d, err := os.MkdirTemp("", "she")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &host{t: t, dir: d, sock: filepath.Join(d, "a.sock"), nbdSock: filepath.Join(d, "n.sock")}
+	t.Cleanup(func() {
+		h.kill()
+		if t.Failed() && h.log != nil {
+			t.Logf("agent log:\n%s", lastLines(h.log.String(), 40))
+		}
+		os.RemoveAll(d)
+	})
+	return h
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+func (h *host) start(extra ...string) {
+	h.t.Helper()
+	args := append([]string{"agent", "--socket", h.sock, "--nbd-unix", h.nbdSock, "--nbd-listen", "", "--clean-after", "1s"}, extra...)
+	h.cmd = exec.Command(shadowBin, args...)
+	h.log = &bytes.Buffer{}
+	h.cmd.Stdout, h.cmd.Stderr = h.log, h.log
+	if err := h.cmd.Start(); err != nil {
+		h.t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		if err := (&agent.Client{Path: h.sock, Timeout: time.Second}).Call("show", agent.ShowArgs{}, nil); err == nil {
+			return
+		}
+	}
+	h.t.Fatalf("agent did not come up:\n%s", h.log)
+}
+
+// kill ends the agent by PID with SIGKILL (the process-crash model).
+func (h *host) kill() {
+	if h.cmd == nil || h.cmd.Process == nil {
+		return
+	}
+	_ = h.cmd.Process.Signal(syscall.SIGKILL)
+	_ = h.cmd.Wait()
+	h.cmd = nil
+}
+
+// stop ends the agent with SIGTERM (orderly).
+func (h *host) stop() {
+	h.t.Helper()
+	if h.cmd == nil {
+		return
+	}
+	_ = h.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() { done <- h.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			h.t.Errorf("agent exited with %v:\n%s", err, lastLines(h.log.String(), 20))
+		}
+	case <-time.After(60 * time.Second):
+		h.t.Error("agent ignored SIGTERM for 60s")
+		h.kill()
+	}
+	h.cmd = nil
+}
+
+func (h *host) cli(args ...string) (string, error) {
+	h.t.Helper()
+	full := append([]string{args[0], "--socket", h.sock}, args[1:]...)
+	return runCmd(h.t, 2*time.Minute, shadowBin, full...)
+}
+
+func (h *host) mustCLI(args ...string) string {
+	h.t.Helper()
+	out, err := h.cli(args...)
+	if err != nil {
+		h.t.Fatalf("shadow %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func (h *host) show() agent.ShowReport {
+	h.t.Helper()
+	var r agent.ShowReport
+	if err := json.Unmarshal([]byte(h.mustCLI("show", "--json")), &r); err != nil {
+		h.t.Fatal(err)
+	}
+	return r
+}
+
+func (h *host) waitIdle(set string) {
+	h.t.Helper()
+	for deadline := time.Now().Add(5 * time.Minute); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		r := h.show()
+		for _, s := range r.Sets {
+			if s.Name == set && len(s.Ops) == 0 {
+				return
+			}
+		}
+	}
+	h.t.Fatalf("%s never became idle: %+v", set, h.show())
+}
+
+func (h *host) uri(set string) string { return fmt.Sprintf("nbd+unix:///%s?socket=%s", set, h.nbdSock) }
+
+func makeFile(t *testing.T, path string, data int64) {
+	t.Helper()
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(path, data+meta.ReservedSize); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// sameData compares the data regions of member files.
+func sameData(t *testing.T, size int64, paths ...string) {
+	t.Helper()
+	first, err := os.ReadFile(paths[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range paths[1:] {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(first[:size], b[:size]) {
+			for i := int64(0); i < size; i++ {
+				if first[i] != b[i] {
+					t.Fatalf("%s and %s differ first at byte %d", paths[0], p, i)
+				}
+			}
+		}
+	}
+}
+
+func TestE2ENbdcopyAndMembersIdentical(t *testing.T) {
+	requireTools(t, "nbdcopy", "nbdinfo")
+	const size = 256 << 20
+	h := newHost(t)
+	m1, m2 := filepath.Join(h.dir, "m1"), filepath.Join(h.dir, "m2")
+	makeFile(t, m1, size)
+	makeFile(t, m2, size)
+	h.start()
+	h.mustCLI("mount", "DSA1", "--member", m1, "--member", m2)
+	h.waitIdle("DSA1")
+	info := mustRun(t, 30*time.Second, "nbdinfo", "--json", h.uri("DSA1"))
+	for _, flag := range []string{`"can_flush": true`, `"can_fua": true`, `"can_trim": true`, `"can_zero": true`, `"can_multi_conn": true`} {
+		if !strings.Contains(info, flag) {
+			t.Errorf("nbdinfo lacks %s:\n%s", flag, info)
+		}
+	}
+	src := filepath.Join(h.dir, "rand.bin")
+	data := make([]byte, size)
+	if _, err := rand.Read(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(src, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, 2*time.Minute, "nbdcopy", src, h.uri("DSA1"))
+	out := filepath.Join(h.dir, "out.bin")
+	mustRun(t, 2*time.Minute, "nbdcopy", h.uri("DSA1"), out)
+	back, err := os.ReadFile(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(back, data) {
+		t.Fatal("data read back differs from data written")
+	}
+	h.stop()
+	sameData(t, size, m1, m2)
+	if !strings.Contains(mustRun(t, 10*time.Second, shadowBin, "examine", m1), "clean") {
+		t.Error("an orderly shutdown did not mark the members clean")
+	}
+}
+
+func TestE2EFioVerifyAndOverlappingWrites(t *testing.T) {
+	requireTools(t, "fio")
+	const size = 128 << 20
+	h := newHost(t)
+	m1, m2 := filepath.Join(h.dir, "m1"), filepath.Join(h.dir, "m2")
+	makeFile(t, m1, size)
+	makeFile(t, m2, size)
+	h.start()
+	h.mustCLI("mount", "DSA1", "--member", m1, "--member", m2)
+	h.waitIdle("DSA1")
+	// Random writes with crc32c verification, iodepth 16, two connections
+	// on disjoint halves.
+	mustRun(t, 5*time.Minute, "fio", "--name=verify", "--ioengine=nbd", "--uri="+h.uri("DSA1"), "--rw=randwrite", "--bs=4k",
+		"--iodepth=16", "--numjobs=2", "--size=64m", "--offset_increment=64m", "--verify=crc32c", "--verify_fatal=1")
+	// Overlapping writes from two connections at once, same region.
+	mustRun(t, 5*time.Minute, "fio", "--name=overlap", "--ioengine=nbd", "--uri="+h.uri("DSA1"), "--rw=randwrite", "--bs=4k",
+		"--iodepth=16", "--numjobs=2", "--size=4m", "--io_size=32m", "--norandommap")
+	h.stop()
+	sameData(t, size, m1, m2)
+}
+
+// TestE2EKillDuringWrites: SIGKILL the agent during fio writes, ten times
+// at random moments. Each restart runs a full merge; what was written and
+// flushed before the crash (an nbdcopy that exited) is intact; the members
+// end identical.
+func TestE2EKillDuringWrites(t *testing.T) {
+	requireTools(t, "fio", "nbdcopy")
+	const size = 64 << 20
+	h := newHost(t)
+	m1, m2 := filepath.Join(h.dir, "m1"), filepath.Join(h.dir, "m2")
+	makeFile(t, m1, size)
+	makeFile(t, m2, size)
+	h.start()
+	h.mustCLI("mount", "DSA1", "--member", m1, "--member", m2)
+	h.waitIdle("DSA1")
+	// A flushed pattern in the first half; fio hammers the second half.
+	pattern := make([]byte, size/2)
+	if _, err := rand.Read(pattern); err != nil {
+		t.Fatal(err)
+	}
+	src := filepath.Join(h.dir, "pattern.bin")
+	if err := os.WriteFile(src, pattern, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, time.Minute, "nbdcopy", src, h.uri("DSA1")) // nbdcopy flushes before it exits
+	for round := range 10 {
+		fio := exec.Command("fio", "--name=load", "--ioengine=nbd", "--uri="+h.uri("DSA1"), "--rw=randwrite", "--bs=4k",
+			"--iodepth=16", "--offset=32m", "--size=32m", "--time_based", "--runtime=30")
+		if err := fio.Start(); err != nil {
+			t.Fatal(err)
+		}
+		// Kill only once fio's writes have begun (the set is dirty on
+		// disk), at a random moment after that.
+		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if out, _ := runCmd(t, 10*time.Second, shadowBin, "examine", m1); strings.Contains(out, "dirty") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: fio never dirtied the set", round)
+			}
+		}
+		time.Sleep(time.Duration(mrand(500)) * time.Millisecond)
+		h.kill()
+		_ = fio.Process.Kill()
+		_ = fio.Wait()
+		h.start()
+		out, err := h.cli("mount", "DSA1", "--member", m1, "--member", m2)
+		if err != nil {
+			t.Fatalf("round %d: remount: %v\n%s", round, err, out)
+		}
+		r := h.show()
+		if len(r.Sets) != 1 || len(r.Sets[0].Ops) != 1 || r.Sets[0].Ops[0].Kind != "full-merge" {
+			t.Fatalf("round %d: after a crash: %+v, want one full merge", round, r.Sets)
+		}
+		h.waitIdle("DSA1")
+		got := filepath.Join(h.dir, "got.bin")
+		mustRun(t, time.Minute, "nbdcopy", h.uri("DSA1"), got)
+		b, err := os.ReadFile(got)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(b[:size/2], pattern) {
+			t.Fatalf("round %d: flushed data changed after a crash", round)
+		}
+	}
+	h.stop()
+	sameData(t, size, m1, m2)
+}
+
+func mrand(n int) int {
+	var b [2]byte
+	_, _ = rand.Read(b[:])
+	return (int(b[0])<<8 | int(b[1])) % n
+}
+
+// TestE2ENbdfuseExt4: a real kernel filesystem on the export.
+func TestE2ENbdfuseExt4(t *testing.T) {
+	requireTools(t, "nbdfuse", "mkfs.ext4", "e2fsck", "fusermount3", "mount", "umount")
+	if _, err := os.Stat("/dev/fuse"); err != nil {
+		t.Skip("no /dev/fuse")
+	}
+	const size = 128 << 20
+	h := newHost(t)
+	m1, m2 := filepath.Join(h.dir, "m1"), filepath.Join(h.dir, "m2")
+	makeFile(t, m1, size)
+	makeFile(t, m2, size)
+	h.start()
+	h.mustCLI("mount", "DSA1", "--member", m1, "--member", m2)
+	h.waitIdle("DSA1")
+	mnt, fsmnt := filepath.Join(h.dir, "mnt"), filepath.Join(h.dir, "fs")
+	for _, d := range []string{mnt, fsmnt} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	disk := filepath.Join(mnt, "disk")
+	fuse := exec.Command("nbdfuse", disk, h.uri("DSA1"))
+	if err := fuse.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_, _ = runCmd(t, 10*time.Second, "umount", fsmnt)
+		_, _ = runCmd(t, 10*time.Second, "fusermount3", "-u", mnt)
+		_ = fuse.Process.Kill()
+		_ = fuse.Wait()
+	})
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if fi, err := os.Stat(disk); err == nil && fi.Size() == size {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("nbdfuse did not expose the disk")
+		}
+	}
+	mustRun(t, time.Minute, "mkfs.ext4", "-F", "-q", disk)
+	mustRun(t, time.Minute, "mount", "-o", "loop", disk, fsmnt)
+	payload := make([]byte, 8<<20)
+	if _, err := rand.Read(payload); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		if err := os.WriteFile(filepath.Join(fsmnt, fmt.Sprintf("f%d", i)), payload, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mustRun(t, time.Minute, "umount", fsmnt)
+	out, err := runCmd(t, time.Minute, "e2fsck", "-fn", disk)
+	if err != nil {
+		t.Fatalf("e2fsck: %v\n%s", err, out)
+	}
+	mustRun(t, 30*time.Second, "fusermount3", "-u", mnt)
+	_ = fuse.Wait()
+	h.stop()
+	sameData(t, size, m1, m2)
+}
+
+func TestE2EBadCLIArguments(t *testing.T) {
+	h := newHost(t)
+	h.start()
+	m := filepath.Join(h.dir, "m1")
+	makeFile(t, m, 8<<20)
+	cases := []struct {
+		args []string
+		want string
+	}{
+		{[]string{"mount"}, "give one set name"},
+		{[]string{"mount", "DSA1"}, "no --member"},
+		{[]string{"mount", "disk7", "--member", m}, "not DSAn"},
+		{[]string{"mount", "DSA1", "--member", filepath.Join(h.dir, "nope")}, "no such file"},
+		{[]string{"dismount", "DSA9"}, "not mounted"},
+		{[]string{"set", "DSA1"}, "exactly one of"},
+		{[]string{"set", "DSA1", "--priority", "5", "--demand-merge"}, "exactly one of"},
+		{[]string{"show", "DSA4"}, "not mounted"},
+	}
+	for _, c := range cases {
+		out, err := h.cli(c.args...)
+		if err == nil || !strings.Contains(out, c.want) {
+			t.Errorf("shadow %v: %v %q, want an error with %q", c.args, err, out, c.want)
+		}
+	}
+	if out, err := runCmd(t, 10*time.Second, shadowBin, "examine", m); err == nil || !strings.Contains(out, "blank") {
+		t.Errorf("examine of a blank member: %v %q", err, out)
+	}
+	// Nothing was created by the refused mounts.
+	if r := h.show(); len(r.Sets) != 0 {
+		t.Fatalf("refused commands left sets: %+v", r.Sets)
+	}
+}
