@@ -5,7 +5,7 @@ BIN       := bin/shadow
 
 .DEFAULT_GOAL := help
 
-.PHONY: help build run test testrace lint fuzz cover rewrite check
+.PHONY: help build run replay tools test testrace lint fuzz cover rewrite check
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -13,14 +13,24 @@ help: ## list the targets
 build: ## build bin/shadow
 	$(GO) build -o $(BIN) ./cmd/shadow
 
-run: build ## replay every script in testdata/replay with a trace
+DATA ?= data
+
+run: build ## start a single-host agent with DSA1 on two 1 GiB files under $(DATA)/; prints the NBD URI
+	@mkdir -p $(DATA)
+	./$(BIN) agent --socket $(DATA)/agent.sock --nbd-unix $(DATA)/nbd.sock \
+	  --mount DSA1=$(DATA)/m1.img,$(DATA)/m2.img --create-size 1GiB
+
+replay: build ## replay every script in testdata/replay with a trace
 	./$(BIN) replay -v testdata/replay/*.txt
 
-test: ## run every test (replay scripts, golden traces, fuzz seeds, property tests)
-	$(GO) test -count=1 ./...
+tools: ## install the Debian tools the end-to-end tests drive (when missing)
+	@./.ci/install-tools
 
-testrace: ## run every test under the race detector
-	$(GO) test -race -count=1 ./...
+test: tools ## run every test: unit, replay scripts, golden traces, fuzz seeds, end to end with real tools
+	$(GO) test -count=1 -timeout 60m ./...
+
+testrace: ## run the tests under the race detector (-short: the end-to-end tests drive a separate binary)
+	$(GO) test -race -short -count=1 -timeout 60m ./...
 
 lint: ## go vet, staticcheck (through go tool) and gofmt
 	$(GO) vet ./...

@@ -43,6 +43,9 @@ func TestMain(m *testing.M) {
 
 func requireTools(t *testing.T, tools ...string) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("end-to-end test (-short)")
+	}
 	for _, tool := range tools {
 		if _, err := exec.LookPath(tool); err != nil {
 			if os.Getenv("SHADOW_REQUIRE_TOOLS") == "1" {
