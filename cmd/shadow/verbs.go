@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -62,8 +63,19 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "log-level", Value: "info"},
 			&cli.StringSliceFlag{Name: "mount", Usage: "mount at start: DSAn=PATH,PATH (repeatable)"},
 			&cli.StringFlag{Name: "create-size", Usage: "create missing member files of this size (e.g. 256MiB) for --mount"},
+			&cli.StringFlag{Name: "cpuprofile", Usage: "write a CPU profile here until the agent stops", Hidden: true},
 		},
 		Action: func(cc *cli.Context) error {
+			if p := cc.String("cpuprofile"); p != "" {
+				f, err := os.Create(p)
+				if err != nil {
+					return err
+				}
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return err
+				}
+				defer pprof.StopCPUProfile()
+			}
 			log, err := newLogger(cc.App.ErrWriter, cc.String("log-level"))
 			if err != nil {
 				return cli.Exit(err.Error(), 2)
@@ -181,6 +193,9 @@ func mountCommand() *cli.Command {
 				fmt.Fprintf(cc.App.ErrWriter, "warning: %s\n", w)
 			}
 			fmt.Fprintf(cc.App.Writer, "%%MOUNT-I-MOUNTED, %s mounted (%d bytes) at %s\n", res.Set, res.Size, res.URI)
+			if res.Merge != "" {
+				fmt.Fprintf(cc.App.Writer, "%%MOUNT-I-MERGE, %s was not dismounted cleanly: %s required\n", res.Set, res.Merge)
+			}
 			for _, c := range res.Copies {
 				fmt.Fprintf(cc.App.Writer, "%%MOUNT-I-SHDWMEMCOPY, %s added to the shadow set with a copy operation\n", c)
 			}

@@ -89,11 +89,14 @@ type MountArgs struct {
 
 // MountResult answers the mount verb.
 type MountResult struct {
-	Set      string   `json:"set"`
-	URI      string   `json:"nbd_uri"`
-	Size     int64    `json:"size_bytes"`
-	Created  bool     `json:"created"`
-	Copies   []string `json:"copies,omitempty"`
+	Set     string   `json:"set"`
+	URI     string   `json:"nbd_uri"`
+	Size    int64    `json:"size_bytes"`
+	Created bool     `json:"created"`
+	Copies  []string `json:"copies,omitempty"`
+	// Merge is the merge the mount requires ("full-merge" after a crash),
+	// empty if none.
+	Merge    string   `json:"merge,omitempty"`
 	Warnings []string `json:"warnings,omitempty"`
 }
 
@@ -377,7 +380,19 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		evs = append(evs, shadowset.Event{Kind: shadowset.EvAddMember, Set: args.Set, Member: p})
 	}
 	for i, ev := range evs {
-		if err := a.elog.Append(ev); err != nil {
+		err := a.elog.Append(ev)
+		if err == nil && i == 0 {
+			// The set is not mounted yet, so nothing runs: the view shows
+			// the merge its metadata requires.
+			if sv, ok := a.setView(args.Set); ok {
+				for _, op := range sv.Ops {
+					if op.Kind.IsMerge() {
+						res.Merge = op.Kind.String()
+					}
+				}
+			}
+		}
+		if err != nil {
 			if i > 0 {
 				_ = a.elog.Append(shadowset.Event{Kind: shadowset.EvDismount, Set: args.Set, Host: a.host})
 				_ = a.elog.Append(shadowset.Event{Kind: shadowset.EvForgetSet, Set: args.Set})
@@ -563,12 +578,14 @@ func (vol *volume) writeGate() (func(), error) {
 // markClean flushes the set and records it clean, if no write is in
 // flight and no merge is owed. force skips the idle check (dismount).
 func (vol *volume) markClean(a *Agent, force bool) error {
-	vol.cleanMu.Lock()
-	defer vol.cleanMu.Unlock()
-	if !vol.dirty.Load() {
+	idle := func() bool { return force || time.Since(time.Unix(0, vol.lastWrite.Load())) >= a.cfg.CleanAfter }
+	// Checked before taking the lock too: taking it stalls every writer.
+	if !vol.dirty.Load() || !idle() {
 		return nil
 	}
-	if !force && time.Since(time.Unix(0, vol.lastWrite.Load())) < a.cfg.CleanAfter {
+	vol.cleanMu.Lock()
+	defer vol.cleanMu.Unlock()
+	if !vol.dirty.Load() || !idle() {
 		return nil
 	}
 	if sv, ok := a.setView(vol.name); ok {

@@ -29,7 +29,23 @@
 //     and DISC, answered with simple replies only.
 //
 // The empty export name selects the default export, which exists only while
-// exactly one export is registered.
+// exactly one export is registered. A read-only export advertises the same
+// commands plus READ_ONLY; WRITE, TRIM and WRITE_ZEROES then fail with EPERM.
+//
+// # Errors
+//
+// A request that is well formed but invalid never reaches the Backend: an
+// unknown command or flag, a zero length, a FLUSH with a range, or a
+// READ/WRITE over Options.MaxRequest gets EINVAL; a READ or TRIM past the
+// end EINVAL, a WRITE or WRITE_ZEROES past the end ENOSPC; a modification of
+// a read-only export EPERM. A rejected WRITE's payload is read and dropped
+// (up to 64 MiB; beyond that the connection is closed), so the connection
+// stays usable. A bad request magic, like any other loss of framing, closes
+// the connection. Backend errors map to ENOSPC (ENOSPC, EDQUOT, EFBIG), EPERM
+// (EPERM, EROFS), EINVAL, ESHUTDOWN, and EIO for everything else.
+//
+// WRITE_ZEROES with NO_HOLE is carried out with Backend.WriteAt of zero
+// blocks, since Backend.Zero may deallocate and cannot be told not to.
 //
 // # Concurrency
 //

@@ -21,7 +21,8 @@ type Backend interface {
 	// Size is the device size in bytes. It is read once per connection,
 	// when the client selects the export.
 	Size() int64
-	// ReadAt fills p from offset off; a nil error means all of p is valid.
+	// ReadAt fills p from offset off; a nil error means all of p was
+	// filled (p comes from a pool: unfilled bytes would leak old data).
 	ReadAt(p []byte, off int64) error
 	// WriteAt writes p at off. With fua set the data must be durable
 	// before it returns. It must not retain or modify p.
