@@ -316,7 +316,18 @@ func TestE2EKillDuringWrites(t *testing.T) {
 		t.Fatal(err)
 	}
 	mustRun(t, time.Minute, "nbdcopy", src, h.uri("DSA1")) // nbdcopy flushes before it exits
+	waitState := func(round int, state string) {
+		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if out, _ := runCmd(t, 10*time.Second, shadowBin, "examine", m1); strings.Contains(out, "State : "+state) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("round %d: the set never became %s", round, state)
+			}
+		}
+	}
 	for round := range 10 {
+		waitState(round, "clean") // idle since the last merge: marked clean
 		fio := exec.Command("fio", "--name=load", "--ioengine=nbd", "--uri="+h.uri("DSA1"), "--rw=randwrite", "--bs=4k",
 			"--iodepth=16", "--offset=32m", "--size=32m", "--time_based", "--runtime=30")
 		if err := fio.Start(); err != nil {
@@ -324,14 +335,7 @@ func TestE2EKillDuringWrites(t *testing.T) {
 		}
 		// Kill only once fio's writes have begun (the set is dirty on
 		// disk), at a random moment after that.
-		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(20 * time.Millisecond) {
-			if out, _ := runCmd(t, 10*time.Second, shadowBin, "examine", m1); strings.Contains(out, "dirty") {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("round %d: fio never dirtied the set", round)
-			}
-		}
+		waitState(round, "dirty")
 		time.Sleep(time.Duration(mrand(500)) * time.Millisecond)
 		h.kill()
 		_ = fio.Process.Kill()
