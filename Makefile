@@ -5,7 +5,7 @@ BIN       := bin/shadow
 
 .DEFAULT_GOAL := help
 
-.PHONY: help build run replay tools test testrace lint fuzz cover rewrite check
+.PHONY: help build run replay tools test testrace lint fuzz cover rewrite check bench
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,6 +42,9 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test ./shadowset -run '^$$' -fuzz '^FuzzStep$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./shadowset -run '^$$' -fuzz '^FuzzRestore$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./shadowset/replay -run '^$$' -fuzz '^FuzzParseLine$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+
+bench: tools ## side-by-side comparison with the peers (fio; 5 alternating runs, medians); table in bench.out
+	SHADOW_BENCH=1 SHADOW_BENCH_OUT=$(CURDIR)/bench.out $(GO) test ./cmd/shadow -run '^TestPerformanceComparison$$' -count=1 -v -timeout 60m
 
 cover: ## coverage report in coverage.out, summary on stdout
 	$(GO) test -count=1 -coverprofile=coverage.out ./...

@@ -8,11 +8,7 @@ import (
 )
 
 // Device is what a copy needs of a member.
-type Device interface {
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64) (int, error)
-	Flush() error
-}
+type Device = walk.Device
 
 // Job is one copy: fill Target from Source, from a checkpoint.
 type Job struct {

@@ -9,11 +9,7 @@ import (
 )
 
 // Device is what a merge needs of a member.
-type Device interface {
-	ReadAt(p []byte, off int64) (int, error)
-	WriteAt(p []byte, off int64) (int, error)
-	Flush() error
-}
+type Device = walk.Device
 
 // Job is one merge: make every other member agree with the master (any
 // full member can be the logical merge master) in the volume's data

@@ -56,6 +56,29 @@ func requireTools(t *testing.T, tools ...string) {
 	}
 }
 
+// background starts a long command in its own process group, ended
+// (group and all) when the test ends.
+func background(t *testing.T, name string, args ...string) *exec.Cmd {
+	t.Helper()
+	cmd := exec.Command(name, args...)
+	cmd.Dir = os.TempDir()
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { endGroup(cmd) })
+	return cmd
+}
+
+// endGroup kills a background command's process group by its PID.
+func endGroup(cmd *exec.Cmd) {
+	if cmd.Process == nil || cmd.ProcessState != nil {
+		return
+	}
+	_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	_ = cmd.Wait()
+}
+
 // run runs a command with a timeout and returns its combined output.
 func runCmd(t *testing.T, timeout time.Duration, name string, args ...string) (string, error) {
 	t.Helper()
@@ -208,6 +231,26 @@ func makeFile(t *testing.T, path string, data int64) {
 	}
 }
 
+// mirrored starts an agent with a new set DSA1 on n fresh member files of
+// size data bytes, waits for its initial copies, and returns the host and
+// the member paths.
+func mirrored(t *testing.T, n int, size int64, agentArgs ...string) (*host, []string) {
+	t.Helper()
+	h := newHost(t)
+	var ms []string
+	args := []string{"mount", "DSA1"}
+	for i := range n {
+		p := filepath.Join(h.dir, fmt.Sprintf("m%d", i+1))
+		makeFile(t, p, size)
+		ms = append(ms, p)
+		args = append(args, "--member", p)
+	}
+	h.start(agentArgs...)
+	h.mustCLI(args...)
+	h.waitIdle("DSA1")
+	return h, ms
+}
+
 // sameData compares the data regions of member files.
 func sameData(t *testing.T, size int64, paths ...string) {
 	t.Helper()
@@ -233,13 +276,8 @@ func sameData(t *testing.T, size int64, paths ...string) {
 func TestE2ENbdcopyAndMembersIdentical(t *testing.T) {
 	requireTools(t, "nbdcopy", "nbdinfo")
 	const size = 256 << 20
-	h := newHost(t)
-	m1, m2 := filepath.Join(h.dir, "m1"), filepath.Join(h.dir, "m2")
-	makeFile(t, m1, size)
-	makeFile(t, m2, size)
-	h.start()
-	h.mustCLI("mount", "DSA1", "--member", m1, "--member", m2)
-	h.waitIdle("DSA1")
+	h, ms := mirrored(t, 2, size)
+	m1, m2 := ms[0], ms[1]
 	info := mustRun(t, 30*time.Second, "nbdinfo", "--json", h.uri("DSA1"))
 	for _, flag := range []string{`"can_flush": true`, `"can_fua": true`, `"can_trim": true`, `"can_zero": true`, `"can_multi_conn": true`} {
 		if !strings.Contains(info, flag) {
@@ -274,19 +312,14 @@ func TestE2ENbdcopyAndMembersIdentical(t *testing.T) {
 func TestE2EFioVerifyAndOverlappingWrites(t *testing.T) {
 	requireTools(t, "fio")
 	const size = 128 << 20
-	h := newHost(t)
-	m1, m2 := filepath.Join(h.dir, "m1"), filepath.Join(h.dir, "m2")
-	makeFile(t, m1, size)
-	makeFile(t, m2, size)
-	h.start()
-	h.mustCLI("mount", "DSA1", "--member", m1, "--member", m2)
-	h.waitIdle("DSA1")
+	h, ms := mirrored(t, 2, size)
+	m1, m2 := ms[0], ms[1]
 	// Random writes with crc32c verification, iodepth 16, two connections
 	// on disjoint halves.
-	mustRun(t, 5*time.Minute, "fio", "--name=verify", "--ioengine=nbd", "--uri="+h.uri("DSA1"), "--rw=randwrite", "--bs=4k",
+	mustRun(t, 5*time.Minute, "fio", "--thread", "--name=verify", "--ioengine=nbd", "--uri="+h.uri("DSA1"), "--rw=randwrite", "--bs=4k",
 		"--iodepth=16", "--numjobs=2", "--size=64m", "--offset_increment=64m", "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0")
 	// Overlapping writes from two connections at once, same region.
-	mustRun(t, 5*time.Minute, "fio", "--name=overlap", "--ioengine=nbd", "--uri="+h.uri("DSA1"), "--rw=randwrite", "--bs=4k",
+	mustRun(t, 5*time.Minute, "fio", "--thread", "--name=overlap", "--ioengine=nbd", "--uri="+h.uri("DSA1"), "--rw=randwrite", "--bs=4k",
 		"--iodepth=16", "--numjobs=2", "--size=4m", "--io_size=32m", "--norandommap")
 	h.stop()
 	sameData(t, size, m1, m2)
@@ -299,13 +332,8 @@ func TestE2EFioVerifyAndOverlappingWrites(t *testing.T) {
 func TestE2EKillDuringWrites(t *testing.T) {
 	requireTools(t, "fio", "nbdcopy")
 	const size = 64 << 20
-	h := newHost(t)
-	m1, m2 := filepath.Join(h.dir, "m1"), filepath.Join(h.dir, "m2")
-	makeFile(t, m1, size)
-	makeFile(t, m2, size)
-	h.start()
-	h.mustCLI("mount", "DSA1", "--member", m1, "--member", m2)
-	h.waitIdle("DSA1")
+	h, ms := mirrored(t, 2, size)
+	m1, m2 := ms[0], ms[1]
 	// A flushed pattern in the first half; fio hammers the second half.
 	pattern := make([]byte, size/2)
 	if _, err := rand.Read(pattern); err != nil {
@@ -328,18 +356,14 @@ func TestE2EKillDuringWrites(t *testing.T) {
 	}
 	for round := range 10 {
 		waitState(round, "clean") // idle since the last merge: marked clean
-		fio := exec.Command("fio", "--name=load", "--ioengine=nbd", "--uri="+h.uri("DSA1"), "--rw=randwrite", "--bs=4k",
+		fio := background(t, "fio", "--thread", "--name=load", "--ioengine=nbd", "--uri="+h.uri("DSA1"), "--rw=randwrite", "--bs=4k",
 			"--iodepth=16", "--offset=32m", "--size=32m", "--time_based", "--runtime=30")
-		if err := fio.Start(); err != nil {
-			t.Fatal(err)
-		}
 		// Kill only once fio's writes have begun (the set is dirty on
 		// disk), at a random moment after that.
 		waitState(round, "dirty")
 		time.Sleep(time.Duration(mrand(500)) * time.Millisecond)
 		h.kill()
-		_ = fio.Process.Kill()
-		_ = fio.Wait()
+		endGroup(fio)
 		h.start()
 		out, err := h.cli("mount", "DSA1", "--member", m1, "--member", m2, "--json")
 		if err != nil {
@@ -377,13 +401,8 @@ func TestE2ENbdfuseExt4(t *testing.T) {
 		t.Skip("no /dev/fuse")
 	}
 	const size = 128 << 20
-	h := newHost(t)
-	m1, m2 := filepath.Join(h.dir, "m1"), filepath.Join(h.dir, "m2")
-	makeFile(t, m1, size)
-	makeFile(t, m2, size)
-	h.start()
-	h.mustCLI("mount", "DSA1", "--member", m1, "--member", m2)
-	h.waitIdle("DSA1")
+	h, ms := mirrored(t, 2, size)
+	m1, m2 := ms[0], ms[1]
 	mnt, fsmnt := filepath.Join(h.dir, "mnt"), filepath.Join(h.dir, "fs")
 	for _, d := range []string{mnt, fsmnt} {
 		if err := os.Mkdir(d, 0o755); err != nil {
@@ -391,15 +410,10 @@ func TestE2ENbdfuseExt4(t *testing.T) {
 		}
 	}
 	disk := filepath.Join(mnt, "disk")
-	fuse := exec.Command("nbdfuse", disk, h.uri("DSA1"))
-	if err := fuse.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
+	fuse := background(t, "nbdfuse", disk, h.uri("DSA1"))
+	t.Cleanup(func() { // runs before background's cleanup: unmount first
 		_, _ = runCmd(t, 10*time.Second, "umount", fsmnt)
 		_, _ = runCmd(t, 10*time.Second, "fusermount3", "-u", mnt)
-		_ = fuse.Process.Kill()
-		_ = fuse.Wait()
 	})
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		if fi, err := os.Stat(disk); err == nil && fi.Size() == size {
@@ -462,4 +476,49 @@ func TestE2EBadCLIArguments(t *testing.T) {
 	if r := h.show(); len(r.Sets) != 0 {
 		t.Fatalf("refused commands left sets: %+v", r.Sets)
 	}
+}
+
+// TestE2EAddMemberUnderLoadWithWatch: a fresh member joins a populated set
+// while fio writes; `show --watch` shows the copy progress; the members
+// end identical.
+func TestE2EAddMemberUnderLoadWithWatch(t *testing.T) {
+	requireTools(t, "fio", "nbdcopy")
+	const size = 128 << 20
+	h := newHost(t)
+	m1, m2, m3 := filepath.Join(h.dir, "m1"), filepath.Join(h.dir, "m2"), filepath.Join(h.dir, "m3")
+	for _, p := range []string{m1, m2, m3} {
+		makeFile(t, p, size)
+	}
+	h.start("--max-rate", "32000000") // about 4 s for the copy, so the watch sees it move
+	h.mustCLI("mount", "DSA1", "--member", m1, "--member", m2)
+	h.waitIdle("DSA1")
+	src := filepath.Join(h.dir, "rand.bin")
+	data := make([]byte, size)
+	if _, err := rand.Read(data); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(src, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, time.Minute, "nbdcopy", src, h.uri("DSA1"))
+	fio := background(t, "fio", "--thread", "--name=load", "--ioengine=nbd", "--uri="+h.uri("DSA1"), "--rw=randwrite", "--bs=4k",
+		"--iodepth=16", "--size=128m", "--time_based", "--runtime=8", "--rate_iops=2000")
+	time.Sleep(500 * time.Millisecond)
+	h.mustCLI("mount", "DSA1", "--member", m3)
+	watch := h.mustCLI("show", "DSA1", "--watch", "--interval", "200ms")
+	if err := fio.Wait(); err != nil {
+		t.Fatalf("fio: %v", err)
+	}
+	pcts := map[string]bool{}
+	for _, line := range strings.Split(watch, "\n") {
+		if i := strings.Index(line, "] "); i > 0 && strings.Contains(line, "full-copy") {
+			pcts[strings.TrimSpace(line[i+2:])] = true
+		}
+	}
+	if len(pcts) < 2 || !strings.Contains(watch, "Copy Target (") {
+		t.Fatalf("show --watch did not show the copy progressing (%v):\n%s", pcts, lastLines(watch, 30))
+	}
+	h.waitIdle("DSA1")
+	h.stop()
+	sameData(t, size, m1, m2, m3)
 }

@@ -12,6 +12,13 @@ import (
 	"time"
 )
 
+// Device is what merges and copies need of a member.
+type Device interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	Flush() error
+}
+
 // SectorSize is the unit of LBNs.
 const SectorSize = 512
 
