@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"sync"
 	"testing"
+
+	"github.com/shadow-project/shadow/merge/walk"
 )
 
 type mem struct {
@@ -34,8 +36,8 @@ func TestCopyFillsTargetFromCheckpoint(t *testing.T) {
 		src.data[i] = byte(rng.UintN(256))
 	}
 	var lbns []uint64
-	err := Run(context.Background(), Job{Source: src, Target: dst, Size: size,
-		Lock: func(int64, int64) func() { return func() {} }, Progress: func(l uint64) { lbns = append(lbns, l) }})
+	err := Run(context.Background(), Job{Source: src, Target: dst, Plan: walk.Plan{Size: size,
+		Lock: func(int64, int64) func() { return func() {} }, Progress: func(l uint64) { lbns = append(lbns, l) }}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,8 +49,8 @@ func TestCopyFillsTargetFromCheckpoint(t *testing.T) {
 	}
 	// Resume: only bytes at or after the checkpoint are copied.
 	dst2 := &mem{data: make([]byte, size)}
-	if err := Run(context.Background(), Job{Source: src, Target: dst2, Size: size, StartLBN: (2 << 20) / 512,
-		Lock: func(int64, int64) func() { return func() {} }}); err != nil {
+	if err := Run(context.Background(), Job{Source: src, Target: dst2, Plan: walk.Plan{Size: size, StartLBN: (2 << 20) / 512,
+		Lock: func(int64, int64) func() { return func() {} }}}); err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(dst2.data[:2<<20], make([]byte, 2<<20)) {

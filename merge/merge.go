@@ -15,20 +15,9 @@ type Device = walk.Device
 // full member can be the logical merge master) in the volume's data
 // region, from a checkpoint.
 type Job struct {
+	walk.Plan
 	Master Device
 	Others []Device
-	Size   int64
-	// StartLBN is the checkpoint to resume from.
-	StartLBN uint64
-	Lock     func(off, n int64) func()
-	// Want, if set, limits the merge to chunks with work (a minimerge).
-	Want func(off, n int64) bool
-	// Progress receives checkpoints (LBN below which every member agrees,
-	// flushed).
-	Progress         func(lbn uint64)
-	Chunk            int64
-	MinRate, MaxRate int64
-	Busy             func() bool
 }
 
 // Stats counts what a merge did.
@@ -44,15 +33,10 @@ func Run(ctx context.Context, j Job) (Stats, error) {
 	if j.Master == nil {
 		return st, fmt.Errorf("merge: no master member")
 	}
-	chunk := j.Chunk
-	if chunk <= 0 {
-		chunk = walk.DefaultChunk
-	}
+	chunk := j.ChunkSize()
 	want, have := make([]byte, chunk), make([]byte, chunk)
-	err := walk.Run(ctx, walk.Config{
-		Size: j.Size, Start: int64(j.StartLBN) * walk.SectorSize, Chunk: chunk,
-		Lock: j.Lock, Want: j.Want,
-		Step: func(off, n int64) error {
+	err := j.Plan.Run(ctx,
+		func(off, n int64) error {
 			st.ChunksRead++
 			if _, err := j.Master.ReadAt(want[:n], off); err != nil {
 				return fmt.Errorf("merge: read master: %w", err)
@@ -70,20 +54,13 @@ func Run(ctx context.Context, j Job) (Stats, error) {
 			}
 			return nil
 		},
-		Flush: func() error {
+		func() error {
 			for _, d := range j.Others {
 				if err := d.Flush(); err != nil {
 					return err
 				}
 			}
 			return nil
-		},
-		Progress: func(done int64) {
-			if j.Progress != nil {
-				j.Progress(uint64(done / walk.SectorSize))
-			}
-		},
-		MinRate: j.MinRate, MaxRate: j.MaxRate, Busy: j.Busy,
-	})
+		})
 	return st, err
 }

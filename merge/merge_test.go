@@ -9,6 +9,8 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
+
+	"github.com/shadow-project/shadow/merge/walk"
 )
 
 // mem is a member that tracks which bytes were written but not flushed, so
@@ -66,13 +68,14 @@ func TestMergeMakesMembersIdenticalAndCheckpointsAfterFlush(t *testing.T) {
 	}
 	var checkpoints []uint64
 	st, err := Run(context.Background(), Job{
-		Master: master, Others: []Device{other}, Size: size, Lock: noLock, Chunk: 256 << 10,
-		Progress: func(lbn uint64) {
-			if other.unflushedBelow(lbn) {
-				t.Errorf("checkpoint %d reported over unflushed writes", lbn)
-			}
-			checkpoints = append(checkpoints, lbn)
-		},
+		Master: master, Others: []Device{other},
+		Plan: walk.Plan{Size: size, Lock: noLock, Chunk: 256 << 10,
+			Progress: func(lbn uint64) {
+				if other.unflushedBelow(lbn) {
+					t.Errorf("checkpoint %d reported over unflushed writes", lbn)
+				}
+				checkpoints = append(checkpoints, lbn)
+			}},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -95,9 +98,9 @@ func TestMergeResumesAtCheckpointAndHonoursWant(t *testing.T) {
 		master.data[i] = 1
 	}
 	_, err := Run(context.Background(), Job{
-		Master: master, Others: []Device{other}, Size: size, Lock: noLock, Chunk: 1 << 20,
-		StartLBN: (1 << 20) / 512,
-		Want:     func(off, n int64) bool { return off != 2<<20 },
+		Master: master, Others: []Device{other},
+		Plan: walk.Plan{Size: size, Lock: noLock, Chunk: 1 << 20, StartLBN: (1 << 20) / 512,
+			Want: func(off, n int64) bool { return off != 2<<20 }},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -118,9 +121,9 @@ func TestMergeStopsPromptlyOnCancelAndThrottles(t *testing.T) {
 		var last uint64
 		done := make(chan error, 1)
 		go func() {
-			_, err := Run(ctx, Job{Master: master, Others: []Device{other}, Size: size, Lock: noLock,
+			_, err := Run(ctx, Job{Master: master, Others: []Device{other}, Plan: walk.Plan{Size: size, Lock: noLock,
 				Chunk: 1 << 20, MaxRate: 4 << 20, MinRate: 1 << 20, Busy: func() bool { return false },
-				Progress: func(lbn uint64) { last = lbn }})
+				Progress: func(lbn uint64) { last = lbn }}})
 			done <- err
 		}()
 		time.Sleep(2 * time.Second) // at 4 MiB/s: about 8 chunks
@@ -144,8 +147,8 @@ func TestMinRateWhenBusy(t *testing.T) {
 		const size = 8 << 20
 		master, other := newMem(size), newMem(size)
 		start := time.Now()
-		_, err := Run(context.Background(), Job{Master: master, Others: []Device{other}, Size: size, Lock: noLock,
-			Chunk: 1 << 20, MaxRate: 64 << 20, MinRate: 2 << 20, Busy: func() bool { return true }})
+		_, err := Run(context.Background(), Job{Master: master, Others: []Device{other}, Plan: walk.Plan{Size: size, Lock: noLock,
+			Chunk: 1 << 20, MaxRate: 64 << 20, MinRate: 2 << 20, Busy: func() bool { return true }}})
 		if err != nil {
 			t.Fatal(err)
 		}

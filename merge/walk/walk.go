@@ -56,6 +56,46 @@ type Config struct {
 	Busy             func() bool
 }
 
+// Plan is what every merge and copy job shares: the volume, where to
+// resume, the lock, the work filter, progress reports and speed limits.
+type Plan struct {
+	Size int64
+	// StartLBN is the checkpoint to resume from.
+	StartLBN uint64
+	Lock     func(off, n int64) (unlock func())
+	// Want, if set, limits the walk to chunks with work (a minimerge or
+	// minicopy).
+	Want func(off, n int64) bool
+	// Progress receives checkpoints as LBNs: everything below is done and
+	// flushed.
+	Progress         func(lbn uint64)
+	Chunk            int64
+	MinRate, MaxRate int64
+	Busy             func() bool
+}
+
+// ChunkSize is the plan's chunk, or the default.
+func (p Plan) ChunkSize() int64 {
+	if p.Chunk > 0 {
+		return p.Chunk
+	}
+	return DefaultChunk
+}
+
+// Run walks the plan with the job's step and flush.
+func (p Plan) Run(ctx context.Context, step func(off, n int64) error, flush func() error) error {
+	return Run(ctx, Config{
+		Size: p.Size, Start: int64(p.StartLBN) * SectorSize, Chunk: p.ChunkSize(),
+		Lock: p.Lock, Want: p.Want, Step: step, Flush: flush,
+		Progress: func(done int64) {
+			if p.Progress != nil {
+				p.Progress(uint64(done / SectorSize))
+			}
+		},
+		MinRate: p.MinRate, MaxRate: p.MaxRate, Busy: p.Busy,
+	})
+}
+
 // Run walks from Start to Size. On cancel it returns the context's error
 // without recording a checkpoint for chunks not yet flushed.
 func Run(ctx context.Context, c Config) error {

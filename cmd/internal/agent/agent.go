@@ -243,10 +243,29 @@ func (a *Agent) cancelRun(op shadowset.OpID) {
 	}
 }
 
-// waitRuns waits for every engine of a set to exit.
-func (a *Agent) waitRuns(set string, old []*run) {
+// runsNow snapshots the engines running now; waitStopped then waits for
+// those among them the core has stopped since.
+func (a *Agent) runsNow() []*run {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]*run, 0, len(a.runs))
+	for _, r := range a.runs {
+		out = append(out, r)
+	}
+	return out
+}
+
+// waitStopped waits for the runs among old that are no longer live (the
+// core stopped them): an engine must be gone before its member or set is.
+func (a *Agent) waitStopped(old []*run) {
 	for _, r := range old {
-		if r.set == set {
+		a.mu.Lock()
+		live := false
+		for _, x := range a.runs {
+			live = live || x == r
+		}
+		a.mu.Unlock()
+		if !live {
 			<-r.done
 		}
 	}
@@ -265,9 +284,6 @@ func (a *Agent) setView(name string) (shadowset.SetView, bool) {
 func (a *Agent) viewLocked(name string) (shadowset.SetView, bool) {
 	return a.elog.core.Set(name)
 }
-
-// ErrNotRunning marks a verb that needs a mounted set.
-var ErrNotRunning = errors.New("agent: set not mounted")
 
 func fileExists(p string) bool {
 	_, err := os.Stat(p)

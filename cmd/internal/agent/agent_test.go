@@ -52,6 +52,32 @@ func startAgent(t *testing.T, dir string, open func(string, device.Options) (dev
 	return a
 }
 
+// faultyOpener opens members through device.Faulty (armed for power loss
+// if asked) and gives the test the wrappers by path.
+func faultyOpener(powerLoss bool) (func(string, device.Options) (device.Device, error), func() map[string]*device.Faulty) {
+	var mu sync.Mutex
+	opened := map[string]*device.Faulty{}
+	open := func(p string, o device.Options) (device.Device, error) {
+		d, err := device.Open(p, o)
+		if err != nil {
+			return nil, err
+		}
+		f := device.NewFaulty(d)
+		if powerLoss {
+			f.PowerLoss()
+		}
+		mu.Lock()
+		opened[p] = f
+		mu.Unlock()
+		return f, nil
+	}
+	return open, func() map[string]*device.Faulty {
+		mu.Lock()
+		defer mu.Unlock()
+		return opened
+	}
+}
+
 // kill stops an agent the way SIGKILL would: nothing is flushed or
 // recorded; only the member files are released.
 func (a *Agent) kill() {
@@ -157,20 +183,8 @@ func TestPowerLossCrashes(t *testing.T) {
 	copy(durable, dataOf(t, m1))
 	rng := rand.New(rand.NewPCG(42, 7))
 	for round := range 10 {
-		var mu sync.Mutex
-		var faulty []*device.Faulty
-		a := startAgent(t, dir, func(p string, o device.Options) (device.Device, error) {
-			d, err := device.Open(p, o)
-			if err != nil {
-				return nil, err
-			}
-			f := device.NewFaulty(d)
-			f.PowerLoss()
-			mu.Lock()
-			faulty = append(faulty, f)
-			mu.Unlock()
-			return f, nil
-		})
+		open, faulty := faultyOpener(true)
+		a := startAgent(t, dir, open)
 		if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
 			t.Fatalf("round %d: %v", round, err)
 		}
@@ -208,7 +222,7 @@ func TestPowerLossCrashes(t *testing.T) {
 		}
 		// Writes not yet flushed may or may not survive: remember both
 		// possibilities by taking whatever the merge keeps, below.
-		for _, f := range faulty {
+		for _, f := range faulty() {
 			if err := f.Crash(); err != nil {
 				t.Fatal(err)
 			}
@@ -255,19 +269,8 @@ func TestExpelKeepsServing(t *testing.T) {
 	m1, m2 := filepath.Join(dir, "m1"), filepath.Join(dir, "m2")
 	makeMember(t, m1)
 	makeMember(t, m2)
-	faulty := map[string]*device.Faulty{}
-	var mu sync.Mutex
-	a := startAgent(t, dir, func(p string, o device.Options) (device.Device, error) {
-		d, err := device.Open(p, o)
-		if err != nil {
-			return nil, err
-		}
-		f := device.NewFaulty(d)
-		mu.Lock()
-		faulty[p] = f
-		mu.Unlock()
-		return f, nil
-	})
+	open, faulty := faultyOpener(false)
+	a := startAgent(t, dir, open)
 	defer a.Shutdown(context.Background())
 	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
 		t.Fatal(err)
@@ -275,7 +278,7 @@ func TestExpelKeepsServing(t *testing.T) {
 	waitIdle(t, a, "DSA1")
 	v := a.sets["DSA1"].vu
 	eio := errors.New("injected EIO")
-	faulty[m2].Inject(device.When(func(op device.Op, off, n int64) bool { return op == device.OpWrite && off < testData }, eio, 0))
+	faulty()[m2].Inject(device.When(func(op device.Op, off, n int64) bool { return op == device.OpWrite && off < testData }, eio, 0))
 	if err := v.WriteAt([]byte("still here"), 4096, false); err != nil {
 		t.Fatalf("write with one good member: %v", err)
 	}
@@ -287,7 +290,7 @@ func TestExpelKeepsServing(t *testing.T) {
 	if err := v.ReadAt(got, 4096); err != nil || string(got) != "still here" {
 		t.Fatalf("read after expel: %q %v", got, err)
 	}
-	md, _, err := meta.Read(faulty[m1])
+	md, _, err := meta.Read(faulty()[m1])
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -300,7 +303,7 @@ func TestExpelKeepsServing(t *testing.T) {
 	if removed != 1 {
 		t.Fatalf("survivor's metadata does not record the expulsion: %+v", md.Members)
 	}
-	faulty[m1].Inject(device.When(func(op device.Op, off, n int64) bool { return op == device.OpWrite && off < testData }, eio, 0))
+	faulty()[m1].Inject(device.When(func(op device.Op, off, n int64) bool { return op == device.OpWrite && off < testData }, eio, 0))
 	if err := v.WriteAt([]byte("x"), 0, false); err == nil {
 		t.Fatal("a write failing on the last member was acknowledged")
 	}

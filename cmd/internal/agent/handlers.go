@@ -9,6 +9,7 @@ import (
 	"slices"
 
 	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/vu"
 	"github.com/shadow-project/shadow/shadowset"
 )
 
@@ -89,16 +90,11 @@ func (a *Agent) dismountSet(name string) error {
 	if err != nil {
 		return err
 	}
-	a.mu.Lock()
-	var old []*run
-	for _, r := range a.runs {
-		old = append(old, r)
-	}
-	a.mu.Unlock()
+	old := a.runsNow()
 	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvDismount, Set: name, Host: a.host}); err != nil {
 		return fmt.Errorf("dismount %s: %w", name, err)
 	}
-	a.waitRuns(name, old)
+	a.waitStopped(old)
 	a.nbd.RemoveExport(name)
 	close(vol.stopCleaner)
 	<-vol.cleanerDone
@@ -143,18 +139,13 @@ func (a *Agent) dismountMember(name, path string) error {
 	if !ok {
 		return fmt.Errorf("%s is not a member of %s", path, name)
 	}
-	a.mu.Lock()
-	var old []*run
-	for _, r := range a.runs {
-		old = append(old, r)
-	}
-	a.mu.Unlock()
+	old := a.runsNow()
 	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvRemoveMember, Set: name, Member: path, Host: a.host}); err != nil {
 		return err
 	}
 	// A copy to the member is dropped by the core; wait for its engine
 	// before the member leaves the I/O path.
-	a.waitCanceled(old)
+	a.waitStopped(old)
 	if err := vol.vu.RemoveMember(path); err != nil {
 		return err
 	}
@@ -166,28 +157,6 @@ func (a *Agent) dismountMember(name, path string) error {
 	// The departing member records that it left: its own generation is
 	// now behind the set's, so it comes back by copy.
 	return m.dev.Close()
-}
-
-// waitCanceled waits for the runs among old that have been canceled
-// since (they left a.runs).
-func (a *Agent) waitCanceled(old []*run) {
-	for _, r := range old {
-		select {
-		case <-r.done:
-		default:
-			a.mu.Lock()
-			live := false
-			for _, x := range a.runs {
-				if x == r {
-					live = true
-				}
-			}
-			a.mu.Unlock()
-			if !live {
-				<-r.done
-			}
-		}
-	}
 }
 
 // forgetKeepTable drops a member from the runtime, keeping its (removed)
@@ -219,7 +188,7 @@ func (a *Agent) setVerb(args SetArgs) error {
 		return vol.vu.SetReadCost(p, *args.ReadCost)
 	case args.CopySource != "":
 		p, _ := filepath.Abs(args.CopySource)
-		if _, role, ok := vol.vu.Device(p); !ok || role.String() != "full" {
+		if _, role, ok := vol.vu.Device(p); !ok || role != vu.Full {
 			return fmt.Errorf("%s is not a full member of %s", args.CopySource, args.Set)
 		}
 		vol.copySource.Store(p)

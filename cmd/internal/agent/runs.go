@@ -9,6 +9,7 @@ import (
 	"github.com/shadow-project/shadow/cmd/internal/vu"
 	shadowcopy "github.com/shadow-project/shadow/copy"
 	"github.com/shadow-project/shadow/merge"
+	"github.com/shadow-project/shadow/merge/walk"
 	"github.com/shadow-project/shadow/shadowset"
 )
 
@@ -132,6 +133,22 @@ func masterMember(ms []vu.MemberInfo) string {
 	return best
 }
 
+// plan is the walk a started op makes: from its LBN, under the VU's
+// locks, at the agent's rates; each checkpoint runs record first, then
+// reaches the core (the final one arrives as the completion instead).
+func (a *Agent) plan(ctx context.Context, vol *volume, act shadowset.Action, record func(lbn uint64)) walk.Plan {
+	return walk.Plan{
+		Size: vol.size, StartLBN: act.LBN, Lock: vol.vu.Lock,
+		MinRate: a.cfg.MinRate, MaxRate: a.cfg.MaxRate, Busy: vol.vu.Busy,
+		Progress: func(lbn uint64) {
+			record(lbn)
+			if lbn < uint64(vol.size/meta.LBNSize) {
+				_ = a.elog.AppendFrom(ctx, a.report(act, shadowset.EvProgress, lbn))
+			}
+		},
+	}
+}
+
 func (a *Agent) runMerge(ctx context.Context, vol *volume, act shadowset.Action, f *fence) error {
 	ms := vol.vu.Members()
 	master := masterMember(ms)
@@ -147,16 +164,8 @@ func (a *Agent) runMerge(ctx context.Context, vol *volume, act shadowset.Action,
 		}
 	}
 	vol.vu.SetMerge(f, master)
-	_, err := merge.Run(ctx, merge.Job{
-		Master: dev(master), Others: others, Size: vol.size, StartLBN: act.LBN, Lock: vol.vu.Lock,
-		MinRate: a.cfg.MinRate, MaxRate: a.cfg.MaxRate, Busy: vol.vu.Busy,
-		Progress: func(lbn uint64) {
-			f.at.Store(int64(lbn) * meta.LBNSize)
-			if lbn < uint64(vol.size/meta.LBNSize) {
-				_ = a.elog.AppendFrom(ctx, a.report(act, shadowset.EvProgress, lbn))
-			}
-		},
-	})
+	_, err := merge.Run(ctx, merge.Job{Master: dev(master), Others: others,
+		Plan: a.plan(ctx, vol, act, func(lbn uint64) { f.at.Store(int64(lbn) * meta.LBNSize) })})
 	if err != nil && ctx.Err() == nil {
 		return &engineError{member: failed, err: err}
 	}
@@ -179,11 +188,9 @@ func (a *Agent) runCopy(ctx context.Context, vol *volume, act shadowset.Action) 
 	vol.mdMu.Unlock()
 	err := shadowcopy.Run(ctx, shadowcopy.Job{
 		Source: taggedDevice{Device: sd, failed: &failed}, Target: taggedDevice{Device: td, failed: &failed},
-		Size: vol.size, StartLBN: act.LBN, Lock: vol.vu.Lock,
-		MinRate: a.cfg.MinRate, MaxRate: a.cfg.MaxRate, Busy: vol.vu.Busy,
-		Progress: func(lbn uint64) {
+		Plan: a.plan(ctx, vol, act, func(lbn uint64) {
 			// The target is flushed below lbn: record it in its metadata so
-			// the copy can be continued there, then tell the core.
+			// the copy can be continued there, before the core hears of it.
 			if target != nil {
 				target.checkpoint.Store(lbn)
 				vol.mdMu.Lock()
@@ -193,10 +200,7 @@ func (a *Agent) runCopy(ctx context.Context, vol *volume, act shadowset.Action) 
 					a.log.Warn().Err(err).Msg("could not record the copy checkpoint")
 				}
 			}
-			if lbn < uint64(vol.size/meta.LBNSize) {
-				_ = a.elog.AppendFrom(ctx, a.report(act, shadowset.EvProgress, lbn))
-			}
-		},
+		}),
 	})
 	if err != nil && ctx.Err() == nil {
 		return &engineError{member: failed, err: err}
@@ -221,9 +225,11 @@ func (a *Agent) finished(act shadowset.Action) {
 			a.log.Error().Err(err).Msg("cannot promote the copy target")
 			return
 		}
+		vol.mdMu.Lock()
 		if m, ok := vol.members[act.Target]; ok {
 			m.checkpoint.Store(0)
 		}
+		vol.mdMu.Unlock()
 		vol.setRole(act.Target, meta.RoleFull)
 		if err := vol.writeAll(); err != nil {
 			a.log.Error().Str("vu", act.Set).Err(err).Msg("cannot record the completed copy")
@@ -231,6 +237,10 @@ func (a *Agent) finished(act shadowset.Action) {
 	}
 	a.log.Info().Str("vu", act.Set).Uint64("op", uint64(act.Op)).Str("kind", act.OpKind.String()).Msg(act.OpKind.String() + " completed")
 }
+
+// owedFence covers the whole volume: a merge that is required but not
+// running here has reached nothing yet. Nobody advances it.
+var owedFence fence
 
 // syncMergeViews keeps each VU's merge-time read consistency in step with
 // the core: from the moment a merge is required until it completes, reads
@@ -261,7 +271,7 @@ func (a *Agent) syncMergeViews() {
 		case mergeOp.State == shadowset.Running && mergeOp.Host == a.host && vol.mergeFence != nil:
 			vol.vu.SetMerge(vol.mergeFence, masterMember(vol.vu.Members()))
 		default:
-			vol.vu.SetMerge(&fence{}, masterMember(vol.vu.Members()))
+			vol.vu.SetMerge(&owedFence, masterMember(vol.vu.Members()))
 		}
 	}
 }

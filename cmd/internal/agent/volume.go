@@ -107,7 +107,9 @@ type probe struct {
 	data     int64
 	md       *meta.Metadata // nil: blank
 	warnings []string
-	blank    bool // the data region's first MiB and the reserved area are zero
+	// areaBlank: the reserved area is zero; blank: so is the data
+	// region's first MiB.
+	areaBlank, blank bool
 }
 
 const blankSample = 1 << 20
@@ -137,11 +139,10 @@ func (a *Agent) openProbe(path string, direct, overwrite bool) (*probe, error) {
 	if err != nil {
 		return fail(err)
 	}
-	areaBlank, err := meta.AreaIsBlank(dev)
-	if err != nil {
+	if p.areaBlank, err = meta.AreaIsBlank(dev); err != nil {
 		return fail(err)
 	}
-	p.blank = dataBlank && areaBlank
+	p.blank = dataBlank && p.areaBlank
 	return p, nil
 }
 
@@ -245,7 +246,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		// hold nothing we would overwrite.
 		res.Created = true
 		for i, p := range probes {
-			if !p.blank && !args.Overwrite && (i > 0 || !p.areaOnlyBlank()) {
+			if !p.blank && !args.Overwrite && (i > 0 || !p.areaBlank) {
 				what := "data"
 				if i == 0 {
 					what = "its metadata area"
@@ -412,13 +413,6 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 	}
 	a.log.Info().Str("vu", args.Set).Int64("size", size).Strs("members", args.Members).Bool("created", res.Created).Bool("was_dirty", wasDirty).Msg("mounted")
 	return res, nil
-}
-
-// areaOnlyBlank: the creation source keeps its data; only its reserved
-// area must be free.
-func (p *probe) areaOnlyBlank() bool {
-	ok, err := meta.AreaIsBlank(p.dev)
-	return err == nil && ok
 }
 
 func sameMembership(a, b []meta.Member) bool {

@@ -294,18 +294,16 @@ func (v *VU) check(off int64, n int64) error {
 // Busy reports application I/O in flight.
 func (v *VU) Busy() bool { return v.appIO.Load() > 0 }
 
-// begin accounts an application request and passes the write gate.
-func (v *VU) begin(write bool) (func(), error) {
-	v.appIO.Add(1)
-	if !write || v.gate == nil {
-		return func() { v.appIO.Add(-1) }, nil
+// passGate runs the write gate; the caller defers the returned done.
+func (v *VU) passGate() (done func(), err error) {
+	if v.gate == nil {
+		return func() {}, nil
 	}
-	done, err := v.gate()
+	done, err = v.gate()
 	if err != nil {
-		v.appIO.Add(-1)
 		return nil, fmt.Errorf("vu %s: %w", v.name, err)
 	}
-	return func() { done(); v.appIO.Add(-1) }, nil
+	return done, nil
 }
 
 // WriteAt writes p to every full member and copy target.
@@ -313,11 +311,13 @@ func (v *VU) WriteAt(p []byte, off int64, fua bool) error {
 	if err := v.check(off, int64(len(p))); err != nil {
 		return err
 	}
-	end, err := v.begin(true)
+	v.appIO.Add(1)
+	defer v.appIO.Add(-1)
+	done, err := v.passGate()
 	if err != nil {
 		return err
 	}
-	defer end()
+	defer done()
 	unlock := v.locks.Lock(off, int64(len(p)))
 	defer unlock()
 	return v.everyMember("write", func(d Device) error {
@@ -338,11 +338,13 @@ func (v *VU) Zero(off, n int64, fua bool) error {
 	if err := v.check(off, n); err != nil {
 		return err
 	}
-	end, err := v.begin(true)
+	v.appIO.Add(1)
+	defer v.appIO.Add(-1)
+	done, err := v.passGate()
 	if err != nil {
 		return err
 	}
-	defer end()
+	defer done()
 	unlock := v.locks.Lock(off, n)
 	defer unlock()
 	return v.everyMember("zero", func(d Device) error {
@@ -442,8 +444,8 @@ func (v *VU) ReadAt(p []byte, off int64) error {
 	if err := v.check(off, int64(len(p))); err != nil {
 		return err
 	}
-	end, _ := v.begin(false)
-	defer end()
+	v.appIO.Add(1)
+	defer v.appIO.Add(-1)
 	v.mu.RLock()
 	merge, master := v.merge, v.master
 	v.mu.RUnlock()
