@@ -87,7 +87,7 @@ func (c *Core) step(ev Event) error {
 	case EvIOError:
 		return c.removeMember(ev.Set, ev.Member, true, ev.Host, true)
 	case EvAddMember:
-		return c.addMember(ev.Set, ev.Member)
+		return c.addMember(ev.Set, ev.Member, ev.FullCopy)
 	case EvDemandMerge:
 		return c.demandMerge(ev.Set)
 	case EvEvalResources:
@@ -117,6 +117,8 @@ func (c *Core) step(ev Event) error {
 		c.s.Sets = slices.DeleteFunc(c.s.Sets, func(x *setState) bool { return x == st })
 		c.notef("%s forgotten", st.Name)
 		return nil
+	case EvHBMM:
+		return c.setHBMM(ev)
 	}
 	return badf("unknown event kind %d", ev.Kind)
 }
@@ -690,7 +692,40 @@ func (c *Core) applyOthers(focused *setState, ev TableEvent, hosts []string, ctx
 
 // ---- members
 
-func (c *Core) addMember(set, member string) error {
+// setHBMM changes a set's HBMM master hosts.
+func (c *Core) setHBMM(ev Event) error {
+	st, err := c.knownSet(ev.Set)
+	if err != nil {
+		return err
+	}
+	var hosts []string
+	if ev.Spec != nil {
+		hosts = ev.Spec.HBMM
+	}
+	if st.Controller && len(hosts) > 0 {
+		return badf("%s uses write logs (controller minimerge); a set uses HBMM or write logs, not both", st.Name)
+	}
+	if err := uniqueNames("hbmm host", hosts); err != nil {
+		return err
+	}
+	for _, h := range hosts {
+		if err := validName("hbmm host", h); err != nil {
+			return err
+		}
+	}
+	if op := st.mergeOp(); op != nil && op.Kind == Minimerge {
+		return badf("%s has op%d minimerge %s; change its HBMM policy when it completes", st.Name, op.ID, op.State)
+	}
+	st.HBMM = slices.Clone(hosts)
+	if len(hosts) == 0 {
+		c.notef("%s: HBMM disabled", st.Name)
+	} else {
+		c.notef("%s: HBMM masters %s", st.Name, strings.Join(hosts, ","))
+	}
+	return nil
+}
+
+func (c *Core) addMember(set, member string, fullCopy bool) error {
 	st, err := c.knownSet(set)
 	if err != nil {
 		return err
@@ -711,6 +746,9 @@ func (c *Core) addMember(set, member string) error {
 	}
 	if len(st.Members) >= MaxMembers {
 		return badf("%s already has %d members", set, MaxMembers)
+	}
+	if fullCopy {
+		st.dropBitmap(member)
 	}
 	op := &opState{ID: c.s.NextOp, Kind: FullCopy, State: Pending, Target: member}
 	if b, ok := st.bitmapFor(member); ok {

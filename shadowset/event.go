@@ -64,6 +64,11 @@ const (
 	// EvForgetSet: Set, mounted nowhere, leaves the core (its state lives
 	// on in its members' metadata until a host mounts it again).
 	EvForgetSet
+	// EvHBMM: SET SHADOW /POLICY=HBMM: Set's HBMM master hosts become
+	// Spec.HBMM (empty: HBMM disabled). Refused on a set with write logs,
+	// and while a minimerge is pending or running (its bitmaps would
+	// change under it).
+	EvHBMM
 	numEventKinds
 )
 
@@ -72,7 +77,7 @@ var eventKindNames = [...]string{
 	EvDefineOp: "define-op", EvPriority: "priority", EvMaxOps: "max-ops", EvAbort: "abort", EvDismount: "dismount",
 	EvMount: "mount", EvRemoveMember: "remove-member", EvIOError: "io-error", EvAddMember: "add-member",
 	EvDemandMerge: "demand-merge", EvEvalResources: "eval-resources", EvTick: "tick", EvProgress: "progress",
-	EvComplete: "complete", EvForgetSet: "forget-set",
+	EvComplete: "complete", EvForgetSet: "forget-set", EvHBMM: "hbmm",
 }
 
 func (k EventKind) String() string {
@@ -86,11 +91,15 @@ func (k EventKind) String() string {
 // flat struct (rather than a type per event) keeps the ordered event log
 // and the fuzzer simple: every event encodes the same way.
 type Event struct {
-	Kind     EventKind     `json:"kind"`
-	Host     string        `json:"host,omitempty"`
-	Set      string        `json:"set,omitempty"`
-	Member   string        `json:"member,omitempty"`
-	Minicopy bool          `json:"minicopy,omitempty"`
+	Kind     EventKind `json:"kind"`
+	Host     string    `json:"host,omitempty"`
+	Set      string    `json:"set,omitempty"`
+	Member   string    `json:"member,omitempty"`
+	Minicopy bool      `json:"minicopy,omitempty"`
+	// FullCopy, on EvAddMember: the member's minicopy bitmap cannot be
+	// used (its generation history shows writes outside the set): the
+	// bitmap is dropped and the member gets a full copy.
+	FullCopy bool          `json:"full_copy,omitempty"`
 	N        int           `json:"n,omitempty"`
 	LBN      uint64        `json:"lbn,omitempty"`
 	Duration time.Duration `json:"duration,omitempty"`

@@ -51,7 +51,7 @@ func decodeEvent(b []byte) (shadowset.Event, int) {
 	si := y % len(fuzzSets)
 	set := fuzzSets[si]
 	var ev shadowset.Event
-	switch k % 18 {
+	switch k % 19 {
 	case 0:
 		ev = shadowset.Event{Kind: shadowset.EvHostFailed, Host: host}
 	case 1:
@@ -67,7 +67,7 @@ func decodeEvent(b []byte) (shadowset.Event, int) {
 	case 6:
 		ev = shadowset.Event{Kind: shadowset.EvIOError, Set: set, Member: fuzzMember(si, z), Host: host}
 	case 7:
-		ev = shadowset.Event{Kind: shadowset.EvAddMember, Set: set, Member: fuzzMember(si, z)}
+		ev = shadowset.Event{Kind: shadowset.EvAddMember, Set: set, Member: fuzzMember(si, z), FullCopy: z&8 != 0}
 	case 8:
 		ev = shadowset.Event{Kind: shadowset.EvDemandMerge, Set: set}
 	case 9:
@@ -91,6 +91,14 @@ func decodeEvent(b []byte) (shadowset.Event, int) {
 			spec.Target = fuzzMember(si, z>>4)
 		}
 		ev = shadowset.Event{Kind: shadowset.EvDefineOp, OpSpec: spec}
+	case 18:
+		var hosts []string
+		for i, h := range fuzzHosts {
+			if z&(1<<i) != 0 {
+				hosts = append(hosts, h)
+			}
+		}
+		ev = shadowset.Event{Kind: shadowset.EvHBMM, Set: set, Spec: &shadowset.SetSpec{Name: set, HBMM: hosts}}
 	}
 	return ev, 4
 }

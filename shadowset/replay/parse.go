@@ -28,6 +28,9 @@ type Directive struct {
 	// Events to step, in order (nodes gives several). Empty for expect.
 	Events []shadowset.Event
 	Expect *Expect
+	// Refused: the line was "refused EVENT...": the core must refuse
+	// every event (and so stay unchanged).
+	Refused bool
 }
 
 // Pos is FILE:LINE.
@@ -188,6 +191,17 @@ func ParseLine(line string) (d Directive, ok bool, err error) {
 		return d, false, nil
 	}
 	d.Text = line
+	if rest, ok := strings.CutPrefix(line, "refused "); ok {
+		inner, ok, err := ParseLine(rest)
+		if err != nil || !ok {
+			return d, false, err
+		}
+		if inner.Expect != nil || len(inner.Events) == 0 || inner.Refused {
+			return d, false, fmt.Errorf("%w: refused needs an event line after it", ErrSyntax)
+		}
+		inner.Text, inner.Refused = line, true
+		return inner, true, nil
+	}
 	a, err := splitLine(line)
 	if err != nil {
 		return d, false, err
@@ -305,7 +319,22 @@ func ParseLine(line string) (d Directive, ok bool, err error) {
 		if err := a.need(2, "a set and a member"); err != nil {
 			return d, false, err
 		}
-		ev(shadowset.Event{Kind: shadowset.EvAddMember, Set: a.pos[0], Member: a.pos[1]})
+		e := shadowset.Event{Kind: shadowset.EvAddMember, Set: a.pos[0], Member: a.pos[1]}
+		want = 2
+		if len(a.pos) > 2 && a.pos[2] == "full" {
+			e.FullCopy = true
+			want = 3
+		}
+		ev(e)
+	case "hbmm":
+		if err := a.need(2, "a set and a host list (or none)"); err != nil {
+			return d, false, err
+		}
+		spec := &shadowset.SetSpec{Name: a.pos[0]}
+		if a.pos[1] != "none" {
+			spec.HBMM = strings.Split(a.pos[1], ",")
+		}
+		ev(shadowset.Event{Kind: shadowset.EvHBMM, Set: a.pos[0], Spec: spec})
 		want = 2
 	case "demand-merge", "complete", "forget":
 		if err := a.need(1, "a set"); err != nil {

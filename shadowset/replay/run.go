@@ -58,7 +58,13 @@ func (r *Runner) Exec(d Directive) (string, error) {
 		b.WriteString("ok\n")
 	}
 	for _, ev := range d.Events {
-		if err := r.Core.Step(ev); err != nil {
+		err := r.Core.Step(ev)
+		switch {
+		case d.Refused && err == nil:
+			return "", expectf("the core accepted %s, want it refused", ev.Kind)
+		case d.Refused:
+			fmt.Fprintf(&b, "refused: %v\n", err)
+		case err != nil:
 			return "", err
 		}
 	}
