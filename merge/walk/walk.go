@@ -40,14 +40,23 @@ type Config struct {
 	// Want, if set, skips chunks with no work (a minimerge or minicopy
 	// walks only its bitmap's chunks).
 	Want func(off, n int64) bool
+	// Next, if set, jumps over chunks with no work: it returns the first
+	// byte offset at or after off that has work, or false if none is
+	// left. A sparse walk over a large volume then costs its work, not
+	// the volume's size.
+	Next func(off int64) (int64, bool)
+	// Stepped, if set, hears of every chunk whose Step succeeded.
+	Stepped func(off, n int64)
 	// Step does the chunk's work, under the lock.
 	Step func(off, n int64) error
 	// Flush makes every Step so far durable on the members written.
 	Flush func() error
 	// Progress reports a checkpoint: everything below byte offset done is
 	// done and durable. Called after Flush, every CheckpointEvery bytes
-	// (default: 1% of the volume, between one chunk and 64 MiB) and once
-	// at the end with Size.
+	// moved (default: 1% of the volume, between one chunk and 64 MiB) and
+	// once at the end with Size. Counting bytes moved rather than bytes
+	// passed keeps a sparse walk (a minimerge of 1% of the chunks) from
+	// paying a hundred flushes for little data.
 	Progress        func(done int64)
 	CheckpointEvery int64
 	// MinRate and MaxRate bound the speed in bytes per second (0: no
@@ -64,8 +73,11 @@ type Plan struct {
 	StartLBN uint64
 	Lock     func(off, n int64) (unlock func())
 	// Want, if set, limits the walk to chunks with work (a minimerge or
-	// minicopy).
+	// minicopy); Next, if set, finds the next chunk with work.
 	Want func(off, n int64) bool
+	Next func(off int64) (int64, bool)
+	// Stepped hears of every chunk moved (for counters).
+	Stepped func(off, n int64)
 	// Progress receives checkpoints as LBNs: everything below is done and
 	// flushed.
 	Progress         func(lbn uint64)
@@ -86,7 +98,7 @@ func (p Plan) ChunkSize() int64 {
 func (p Plan) Run(ctx context.Context, step func(off, n int64) error, flush func() error) error {
 	return Run(ctx, Config{
 		Size: p.Size, Start: int64(p.StartLBN) * SectorSize, Chunk: p.ChunkSize(),
-		Lock: p.Lock, Want: p.Want, Step: step, Flush: flush,
+		Lock: p.Lock, Want: p.Want, Next: p.Next, Stepped: p.Stepped, Step: step, Flush: flush,
 		Progress: func(done int64) {
 			if p.Progress != nil {
 				p.Progress(uint64(done / SectorSize))
@@ -111,11 +123,24 @@ func Run(ctx context.Context, c Config) error {
 	if c.Start < 0 || c.Start > c.Size {
 		return fmt.Errorf("walk: start %d outside volume of %d bytes", c.Start, c.Size)
 	}
+	if c.Next != nil {
+		// Jumps land on chunk boundaries counted from 0.
+		c.Start -= c.Start % c.Chunk
+	}
 	began, moved := time.Now(), int64(0)
 	sinceCheckpoint := int64(0)
 	for off := c.Start; off < c.Size; off += c.Chunk {
 		if err := ctx.Err(); err != nil {
 			return err
+		}
+		if c.Next != nil {
+			next, ok := c.Next(off)
+			if !ok || next >= c.Size {
+				break
+			}
+			if next > off {
+				off = next - next%c.Chunk
+			}
 		}
 		n := min(c.Chunk, c.Size-off)
 		if c.Want == nil || c.Want(off, n) {
@@ -125,12 +150,15 @@ func Run(ctx context.Context, c Config) error {
 			if err != nil {
 				return fmt.Errorf("walk: chunk at %d: %w", off, err)
 			}
+			if c.Stepped != nil {
+				c.Stepped(off, n)
+			}
 			moved += n
+			sinceCheckpoint += n
 			if err := throttle(ctx, c, began, moved); err != nil {
 				return err
 			}
 		}
-		sinceCheckpoint += n
 		if sinceCheckpoint >= c.CheckpointEvery && off+n < c.Size {
 			if err := checkpoint(c, off+n); err != nil {
 				return err

@@ -104,22 +104,29 @@ type Config struct {
 	// request is acknowledged after it. An error keeps the member and
 	// fails the request.
 	Expel func(path string, cause error) error
-	// WriteGate, if set, runs before a write or zero touches any member
-	// and its done func after the request completes. The agent uses it to
-	// make the dirty flag durable before the first write after a clean
-	// period, and to know when no write is in flight.
-	WriteGate func() (done func(), err error)
+	// WriteGate, if set, runs before a write or zero of [off, off+n)
+	// touches any member, and its done func after the request completes
+	// (whatever the outcome). The agent uses it to make the dirty flag
+	// durable before the first write after a clean period, to record the
+	// range in its write bitmaps before the data moves, and to know when
+	// no write is in flight.
+	WriteGate func(off, n int64) (done func(), err error)
+	// FlushGate, if set, runs before a flush reaches the members; its
+	// done func gets whether every member that stayed in the set flushed.
+	// The agent tracks what a successful flush covers with it.
+	FlushGate func() (done func(ok bool))
 	Logger    zerolog.Logger
 }
 
 // VU is one virtual unit. All methods are safe for concurrent use.
 type VU struct {
-	name  string
-	size  int64
-	locks RangeLock
-	expel func(string, error) error
-	gate  func() (func(), error)
-	log   zerolog.Logger
+	name      string
+	size      int64
+	locks     RangeLock
+	expel     func(string, error) error
+	gate      func(off, n int64) (func(), error)
+	flushGate func() func(bool)
+	log       zerolog.Logger
 	// appIO counts application requests in flight; engines throttle to
 	// their minimum rate while it is non-zero.
 	appIO atomic.Int64
@@ -135,7 +142,7 @@ func New(cfg Config) (*VU, error) {
 	if cfg.Size <= 0 {
 		return nil, fmt.Errorf("vu %s: size %d is not positive", cfg.Name, cfg.Size)
 	}
-	v := &VU{name: cfg.Name, size: cfg.Size, expel: cfg.Expel, gate: cfg.WriteGate, log: cfg.Logger}
+	v := &VU{name: cfg.Name, size: cfg.Size, expel: cfg.Expel, gate: cfg.WriteGate, flushGate: cfg.FlushGate, log: cfg.Logger}
 	full := 0
 	for _, s := range cfg.Members {
 		if err := v.addMember(s); err != nil {
@@ -295,11 +302,11 @@ func (v *VU) check(off int64, n int64) error {
 func (v *VU) Busy() bool { return v.appIO.Load() > 0 }
 
 // passGate runs the write gate; the caller defers the returned done.
-func (v *VU) passGate() (done func(), err error) {
+func (v *VU) passGate(off, n int64) (done func(), err error) {
 	if v.gate == nil {
 		return func() {}, nil
 	}
-	done, err = v.gate()
+	done, err = v.gate(off, n)
 	if err != nil {
 		return nil, fmt.Errorf("vu %s: %w", v.name, err)
 	}
@@ -313,7 +320,7 @@ func (v *VU) WriteAt(p []byte, off int64, fua bool) error {
 	}
 	v.appIO.Add(1)
 	defer v.appIO.Add(-1)
-	done, err := v.passGate()
+	done, err := v.passGate(off, int64(len(p)))
 	if err != nil {
 		return err
 	}
@@ -340,7 +347,7 @@ func (v *VU) Zero(off, n int64, fua bool) error {
 	}
 	v.appIO.Add(1)
 	defer v.appIO.Add(-1)
-	done, err := v.passGate()
+	done, err := v.passGate(off, n)
 	if err != nil {
 		return err
 	}
@@ -363,7 +370,15 @@ func (v *VU) Trim(off, n int64) error { return v.Zero(off, n, false) }
 
 // Flush makes every acknowledged write durable on every member.
 func (v *VU) Flush() error {
-	return v.everyMember("flush", func(d Device) error { return d.Flush() })
+	if v.flushGate == nil {
+		return v.everyMember("flush", func(d Device) error { return d.Flush() })
+	}
+	done := v.flushGate()
+	err := v.everyMember("flush", func(d Device) error { return d.Flush() })
+	// A member that failed to flush was expelled (err is nil then): what
+	// stays in the set flushed.
+	done(err == nil)
+	return err
 }
 
 // everyMember runs op on every full member and copy target at once, then

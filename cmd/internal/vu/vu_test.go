@@ -305,7 +305,10 @@ func TestWriteGateRunsBeforeMembersAndCanRefuse(t *testing.T) {
 	refuse := false
 	v, err := New(Config{Name: "DSA1", Size: size, Members: []MemberSpec{{Dev: a, Role: Full}, {Dev: b, Role: Full}},
 		Logger: zerolog.Nop(),
-		WriteGate: func() (func(), error) {
+		WriteGate: func(off, n int64) (func(), error) {
+			if off != 0 || n != 1 {
+				t.Errorf("gate got [%d, +%d), want [0, +1)", off, n)
+			}
 			if refuse {
 				return nil, errors.New("dirty flag not durable")
 			}
@@ -328,5 +331,24 @@ func TestWriteGateRunsBeforeMembersAndCanRefuse(t *testing.T) {
 	before := a.writes.Load()
 	if err := v.WriteAt([]byte("y"), 0, false); err == nil || a.writes.Load() != before {
 		t.Fatalf("refused gate: err %v, writes %d -> %d", err, before, a.writes.Load())
+	}
+}
+
+func TestFlushGateSeesOutcome(t *testing.T) {
+	a, b := newMem("a", size), newMem("b", size)
+	var got []bool
+	began := 0
+	v, err := New(Config{Name: "DSA1", Size: size, Members: []MemberSpec{{Dev: a, Role: Full}, {Dev: b, Role: Full}},
+		Logger:    zerolog.Nop(),
+		FlushGate: func() func(bool) { began++; return func(ok bool) { got = append(got, ok) } },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := v.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if began != 1 || len(got) != 1 || !got[0] {
+		t.Fatalf("flush gate: began %d, outcomes %v; want 1, [true]", began, got)
 	}
 }
