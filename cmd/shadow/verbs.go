@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -191,6 +192,9 @@ func mountCommand() *cli.Command {
 			&cli.BoolFlag{Name: "confirm", Usage: "allow a full copy onto a member that holds data"},
 			&cli.BoolFlag{Name: "overwrite", Usage: "take a member of another set, one written outside the set, or one with corrupt metadata"},
 			&cli.BoolFlag{Name: "direct", Usage: "open the members with O_DIRECT"},
+			&cli.StringFlag{Name: "policy", Usage: "minicopy: a returning member must come back by minicopy (else fail); minicopy=optional: by minicopy if possible"},
+			&cli.StringFlag{Name: "chunk-size", Usage: "write bitmap chunk of a set mounted here first (4KiB to 64MiB, power of two; default 64KiB)"},
+			&cli.BoolFlag{Name: "write-log", Usage: "keep write logs on the members (controller minimerge after a crash) instead of HBMM"},
 			&cli.BoolFlag{Name: "json", Usage: "print the result as JSON"},
 		},
 		Action: func(cc *cli.Context) error {
@@ -200,9 +204,21 @@ func mountCommand() *cli.Command {
 			if len(cc.StringSlice("member")) == 0 {
 				return cli.Exit("mount: no --member given", 2)
 			}
+			var chunk int64
+			if s := cc.String("chunk-size"); s != "" {
+				n, err := parseSize(s)
+				if err != nil {
+					return cli.Exit("mount: --chunk-size: "+err.Error(), 2)
+				}
+				chunk = n
+			}
+			if _, err := agent.ParseMinicopyPolicy(cc.String("policy")); err != nil {
+				return cli.Exit("mount: --policy: "+err.Error(), 2)
+			}
 			var res agent.MountResult
 			err := client(cc).Call("mount", agent.MountArgs{Set: cc.Args().First(), Members: absAll(cc.StringSlice("member")),
-				Include: cc.Bool("include"), Confirm: cc.Bool("confirm"), Overwrite: cc.Bool("overwrite"), Direct: cc.Bool("direct")}, &res)
+				Include: cc.Bool("include"), Confirm: cc.Bool("confirm"), Overwrite: cc.Bool("overwrite"), Direct: cc.Bool("direct"),
+				Policy: cc.String("policy"), ChunkSize: chunk, WriteLog: cc.Bool("write-log")}, &res)
 			if err != nil {
 				return cli.Exit("mount: "+err.Error(), 1)
 			}
@@ -217,6 +233,10 @@ func mountCommand() *cli.Command {
 				fmt.Fprintf(cc.App.Writer, "%%MOUNT-I-MERGE, %s was not dismounted cleanly: %s required\n", res.Set, res.Merge)
 			}
 			for _, c := range res.Copies {
+				if slices.Contains(res.Minicopies, c) {
+					fmt.Fprintf(cc.App.Writer, "%%MOUNT-I-SHDWMEMCOPY, %s added to the shadow set with a minicopy operation\n", c)
+					continue
+				}
 				fmt.Fprintf(cc.App.Writer, "%%MOUNT-I-SHDWMEMCOPY, %s added to the shadow set with a copy operation\n", c)
 			}
 			return nil
@@ -240,12 +260,19 @@ func dismountCommand() *cli.Command {
 		Name:      "dismount",
 		Usage:     "dismount a shadow set, or remove one member",
 		ArgsUsage: "DSAn",
-		Flags:     []cli.Flag{socketFlag(), &cli.StringFlag{Name: "member", Usage: "remove only this member"}},
+		Flags: []cli.Flag{socketFlag(), &cli.StringFlag{Name: "member", Usage: "remove only this member"},
+			&cli.StringFlag{Name: "policy", Usage: "with --member: minicopy keeps a minicopy bitmap (or fails), minicopy=optional keeps one if it can"}},
 		Action: func(cc *cli.Context) error {
 			if cc.NArg() != 1 {
 				return cli.Exit("dismount: give one set name (DSAn)", 2)
 			}
-			args := agent.DismountArgs{Set: cc.Args().First()}
+			if _, err := agent.ParseMinicopyPolicy(cc.String("policy")); err != nil {
+				return cli.Exit("dismount: --policy: "+err.Error(), 2)
+			}
+			if cc.String("policy") != "" && cc.String("member") == "" {
+				return cli.Exit("dismount: --policy applies to one member: give --member PATH", 2)
+			}
+			args := agent.DismountArgs{Set: cc.Args().First(), Policy: cc.String("policy")}
 			if m := cc.String("member"); m != "" {
 				args.Member = absAll([]string{m})[0]
 			}
@@ -270,8 +297,16 @@ func setCommand() *cli.Command {
 			&cli.StringFlag{Name: "member", Usage: "the member --read-cost applies to"},
 			&cli.StringFlag{Name: "copy-source", Usage: "full member copies read from"},
 			&cli.StringFlag{Name: "force-removal", Usage: "expel this member now"},
+			&cli.StringFlag{Name: "policy", Usage: "hbmm=(master_list=(HOST,...),count=N,reset_threshold=BLOCKS) or hbmm=NAME (NODEFAULT: no HBMM)"},
+			&cli.StringFlag{Name: "name", Usage: "with --policy and no set: define a named policy (DEFAULT applies to sets without one)"},
+			&cli.BoolFlag{Name: "delete", Usage: "delete the named policy (--name), or the set's own policy"},
+			&cli.StringFlag{Name: "enable", Usage: "hbmm: start HBMM on the set with its policy"},
+			&cli.StringFlag{Name: "disable", Usage: "hbmm: stop HBMM on the set (its bitmaps go)"},
 		},
 		Action: func(cc *cli.Context) error {
+			if cc.IsSet("policy") || cc.IsSet("name") || cc.IsSet("delete") || cc.IsSet("enable") || cc.IsSet("disable") {
+				return setPolicy(cc)
+			}
 			if cc.NArg() != 1 {
 				return cli.Exit("set: give one set name (DSAn)", 2)
 			}
@@ -308,6 +343,32 @@ func setCommand() *cli.Command {
 	}
 }
 
+// setPolicy is set's HBMM qualifiers, which cannot mix with the others.
+func setPolicy(cc *cli.Context) error {
+	for _, f := range []string{"demand-merge", "priority", "read-cost", "copy-source", "force-removal"} {
+		if cc.IsSet(f) {
+			return cli.Exit("set: --"+f+" cannot be mixed with HBMM qualifiers (--policy, --name, --delete, --enable, --disable)", 2)
+		}
+	}
+	if cc.NArg() > 1 {
+		return cli.Exit("set: give at most one set name (DSAn)", 2)
+	}
+	args := agent.SetArgs{Set: cc.Args().First(), Policy: cc.String("policy"), Name: cc.String("name"),
+		Delete: cc.Bool("delete"), Enable: cc.String("enable"), Disable: cc.String("disable")}
+	if args.Policy != "" {
+		if _, err := agent.ParseHBMMPolicy(args.Policy); err != nil {
+			return cli.Exit("set: --policy: "+err.Error(), 2)
+		}
+	}
+	if args.Set == "" && args.Name == "" {
+		return cli.Exit("set: give a set name (DSAn), or --name to define a named policy", 2)
+	}
+	if err := client(cc).Call("set", args, nil); err != nil {
+		return cli.Exit("set: "+err.Error(), 1)
+	}
+	return nil
+}
+
 func showCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "show",
@@ -319,8 +380,23 @@ func showCommand() *cli.Command {
 			&cli.BoolFlag{Name: "json", Usage: "machine-readable output (stable; see docs/cli.md)"},
 			&cli.BoolFlag{Name: "watch", Usage: "redraw every second with progress bars until no merge or copy is left"},
 			&cli.DurationFlag{Name: "interval", Value: time.Second, Usage: "redraw interval for --watch"},
+			&cli.StringFlag{Name: "policy", Usage: "hbmm: list the named HBMM policies"},
 		},
 		Action: func(cc *cli.Context) error {
+			if p := cc.String("policy"); p != "" {
+				if !strings.EqualFold(p, "hbmm") {
+					return cli.Exit("show: --policy: only hbmm", 2)
+				}
+				var ps []agent.PolicyShow
+				if err := client(cc).Call("policies", struct{}{}, &ps); err != nil {
+					return cli.Exit("show: "+err.Error(), 1)
+				}
+				if cc.Bool("json") {
+					return json.NewEncoder(cc.App.Writer).Encode(ps)
+				}
+				fmt.Fprint(cc.App.Writer, agent.FormatPolicies(ps))
+				return nil
+			}
 			args := agent.ShowArgs{Set: cc.Args().First()}
 			for {
 				var r agent.ShowReport

@@ -62,6 +62,8 @@ type Agent struct {
 	sets map[string]*volume
 	runs map[shadowset.OpID]*run
 	wg   sync.WaitGroup
+
+	policies policyStore
 }
 
 // run is one engine goroutine executing an op.

@@ -17,6 +17,9 @@ import (
 type DismountArgs struct {
 	Set    string `json:"set"`
 	Member string `json:"member,omitempty"`
+	// Policy, with Member: "minicopy" keeps a minicopy bitmap or fails,
+	// "minicopy=optional" keeps one if it can.
+	Policy string `json:"policy,omitempty"`
 }
 
 // SetArgs is the set verb; exactly one action per call.
@@ -28,6 +31,19 @@ type SetArgs struct {
 	Member       string `json:"member,omitempty"`
 	CopySource   string `json:"copy_source,omitempty"`
 	ForceRemoval string `json:"force_removal,omitempty"`
+	// HBMM policy qualifiers: Policy is hbmm=(…) or hbmm=NAME; Name
+	// defines (or, with Delete, deletes) a named policy when Set is
+	// empty; Delete on a set drops its own policy; Enable and Disable
+	// take "hbmm".
+	Policy  string `json:"policy,omitempty"`
+	Name    string `json:"name,omitempty"`
+	Delete  bool   `json:"delete,omitempty"`
+	Enable  string `json:"enable,omitempty"`
+	Disable string `json:"disable,omitempty"`
+}
+
+func (s SetArgs) isPolicy() bool {
+	return s.Policy != "" || s.Name != "" || s.Delete || s.Enable != "" || s.Disable != ""
 }
 
 // ShowArgs is the show verb.
@@ -61,7 +77,10 @@ func (a *Agent) handlers() map[string]Handler {
 				return nil, err
 			}
 			if args.Member != "" {
-				return nil, a.dismountMember(args.Set, args.Member)
+				return nil, a.dismountMember(args.Set, args.Member, args.Policy)
+			}
+			if args.Policy != "" {
+				return nil, errors.New("--policy minicopy applies to one member: give --member PATH")
 			}
 			return nil, a.dismountSet(args.Set)
 		},
@@ -75,6 +94,9 @@ func (a *Agent) handlers() map[string]Handler {
 		"show": func(_ context.Context, raw json.RawMessage) (any, error) {
 			args, _ := decode[ShowArgs](raw)
 			return a.Show(args.Set)
+		},
+		"policies": func(context.Context, json.RawMessage) (any, error) {
+			return a.Policies(), nil
 		},
 		"events": func(context.Context, json.RawMessage) (any, error) {
 			return a.elog.History(), nil
@@ -124,8 +146,16 @@ func (a *Agent) dismountSet(name string) error {
 	return errors.Join(errs...)
 }
 
-// dismountMember removes one member from a mounted set.
-func (a *Agent) dismountMember(name, path string) error {
+// dismountMember removes one member from a mounted set. With a minicopy
+// policy the member keeps a bitmap of the writes it misses, so that it can
+// come back by minicopy; OpenVMS refuses one (or, with =optional, goes on
+// without) when the bitmap could not be trusted: the set owes a merge, or
+// the member is not a full member.
+func (a *Agent) dismountMember(name, path, policy string) error {
+	mc, err := ParseMinicopyPolicy(policy)
+	if err != nil {
+		return err
+	}
 	vol, err := a.volume(name)
 	if err != nil {
 		return err
@@ -135,27 +165,62 @@ func (a *Agent) dismountMember(name, path string) error {
 	}
 	vol.mdMu.Lock()
 	m, ok := vol.members[path]
+	gen := vol.md.Generation
 	vol.mdMu.Unlock()
 	if !ok {
 		return fmt.Errorf("%s is not a member of %s", path, name)
 	}
+	keep := mc != NoMinicopy
+	if keep {
+		why := ""
+		if _, role, _ := vol.vu.Device(path); role != vu.Full {
+			why = "it is a copy target, not a full member"
+		} else if sv, ok := a.setView(name); ok {
+			for _, op := range sv.Ops {
+				if op.Kind.IsMerge() {
+					why = fmt.Sprintf("%s owes a %s (op%d)", name, op.Kind, op.ID)
+				}
+			}
+		}
+		if why != "" {
+			if mc == MinicopyRequired {
+				return fmt.Errorf("dismount %s --member %s --policy minicopy: no minicopy bitmap can start: %s (use --policy minicopy=optional to remove it without one)", name, path, why)
+			}
+			a.log.Warn().Str("vu", name).Str("member", path).Str("why", why).Msg("member removed without a minicopy bitmap")
+			keep = false
+		}
+	}
 	old := a.runsNow()
-	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvRemoveMember, Set: name, Member: path, Host: a.host}); err != nil {
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvRemoveMember, Set: name, Member: path, Host: a.host, Minicopy: keep}); err != nil {
 		return err
 	}
 	// A copy to the member is dropped by the core; wait for its engine
 	// before the member leaves the I/O path.
 	a.waitStopped(old)
-	if err := vol.vu.RemoveMember(path); err != nil {
+	// With no write in flight, the member leaves the I/O path and its
+	// bitmap starts: it holds every write before, the bitmap every write
+	// after.
+	vol.quiesce(func() {
+		err = vol.vu.RemoveMember(path)
+		if err == nil && keep {
+			err = vol.bm.keepMinicopy(&minicopyBitmap{path: path, uuid: m.uuid, gen: gen}, nil)
+		}
+	})
+	if err != nil {
 		return err
 	}
+	// Its own metadata stays at gen; flushed, it is a consistent image of
+	// the set at the moment it left.
+	flushErr := m.dev.Flush()
 	vol.setRole(path, meta.RoleRemoved)
 	vol.forgetKeepTable(path)
 	if err := vol.writeAll(); err != nil {
 		return err
 	}
-	// The departing member records that it left: its own generation is
-	// now behind the set's, so it comes back by copy.
+	if flushErr != nil {
+		vol.bm.dropMinicopy(path)
+		return errors.Join(fmt.Errorf("flush %s as it left (it will need a full copy): %w", path, flushErr), m.dev.Close())
+	}
 	return m.dev.Close()
 }
 
@@ -168,6 +233,12 @@ func (vol *volume) forgetKeepTable(path string) {
 }
 
 func (a *Agent) setVerb(args SetArgs) error {
+	if args.isPolicy() {
+		if args.DemandMerge || args.Priority != nil || args.ReadCost != nil || args.CopySource != "" || args.ForceRemoval != "" {
+			return fmt.Errorf("%w: HBMM qualifiers (--policy, --name, --delete, --enable, --disable) cannot be mixed with others", ErrPolicy)
+		}
+		return a.policyVerb(args)
+	}
 	vol, err := a.volume(args.Set)
 	if err != nil {
 		return err
@@ -200,7 +271,7 @@ func (a *Agent) setVerb(args SetArgs) error {
 		}
 		return a.expel(vol, p, errors.New("forced removal by the operator"))
 	}
-	return errors.New("set: nothing to do (give --demand-merge, --priority, --read-cost, --copy-source or --force-removal)")
+	return errors.New("set: nothing to do (give --demand-merge, --priority, --read-cost, --copy-source, --force-removal, --policy, --enable or --disable)")
 }
 
 // Show builds the report for one set, or all.
@@ -249,6 +320,7 @@ func (a *Agent) Show(set string) (ShowReport, error) {
 			}
 			s.Members = append(s.Members, ms)
 		}
+		a.showBitmaps(vol, &s)
 		s.State = vuState(s)
 		r.Sets = append(r.Sets, s)
 	}

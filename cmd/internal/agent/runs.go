@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/vu"
 	shadowcopy "github.com/shadow-project/shadow/copy"
@@ -30,10 +31,16 @@ func (a *Agent) startRun(act shadowset.Action) {
 	ctx, cancel := context.WithCancel(a.ctx)
 	r := &run{set: act.Set, cancel: cancel, done: make(chan struct{})}
 	a.runs[act.Op] = r
-	var f *fence
+	// What the op covers: its bitmap, or the whole volume.
+	work, whole := a.opBitmap(vol, act)
+	var f mergeFence
 	if act.OpKind.IsMerge() {
-		f = &fence{}
-		f.at.Store(int64(act.LBN) * meta.LBNSize)
+		if whole {
+			f = &fence{}
+		} else {
+			f = &bitmapFence{bm: work}
+		}
+		f.advance(int64(act.LBN) * meta.LBNSize)
 		vol.mergeFence = f
 	}
 	a.mu.Unlock()
@@ -43,10 +50,11 @@ func (a *Agent) startRun(act shadowset.Action) {
 		defer cancel()
 		var err error
 		if act.OpKind.IsMerge() {
-			err = a.runMerge(ctx, vol, act, f)
+			err = a.runMerge(ctx, vol, act, f, work)
 		} else {
-			err = a.runCopy(ctx, vol, act)
+			err = a.runCopy(ctx, vol, act, work)
 		}
+		vol.bm.endWork(act.Op, err == nil)
 		switch {
 		case err == nil:
 			if err := a.elog.AppendFrom(ctx, a.report(act, shadowset.EvComplete, 0)); err != nil && ctx.Err() == nil {
@@ -136,8 +144,8 @@ func masterMember(ms []vu.MemberInfo) string {
 // plan is the walk a started op makes: from its LBN, under the VU's
 // locks, at the agent's rates; each checkpoint runs record first, then
 // reaches the core (the final one arrives as the completion instead).
-func (a *Agent) plan(ctx context.Context, vol *volume, act shadowset.Action, record func(lbn uint64)) walk.Plan {
-	return walk.Plan{
+func (a *Agent) plan(ctx context.Context, vol *volume, act shadowset.Action, work *bitmap.Bitmap, record func(lbn uint64)) walk.Plan {
+	p := walk.Plan{
 		Size: vol.size, StartLBN: act.LBN, Lock: vol.vu.Lock,
 		MinRate: a.cfg.MinRate, MaxRate: a.cfg.MaxRate, Busy: vol.vu.Busy,
 		Progress: func(lbn uint64) {
@@ -147,9 +155,46 @@ func (a *Agent) plan(ctx context.Context, vol *volume, act shadowset.Action, rec
 			}
 		},
 	}
+	var total uint64
+	if work != nil {
+		// A bitmap op moves exactly its bitmap's chunks.
+		p.Chunk, p.Next, total = work.ChunkSize(), nextChunk(work), work.Count()
+	}
+	w := vol.bm.startWork(act.Op, act.OpKind, total, p.ChunkSize())
+	p.Stepped = func(off, n int64) {
+		w.done.Add(1)
+		w.bytes.Add(n)
+	}
+	return p
 }
 
-func (a *Agent) runMerge(ctx context.Context, vol *volume, act shadowset.Action, f *fence) error {
+// opBitmap is the bitmap a started op walks, or whole=true for the whole
+// volume: a full op, or a bitmap op whose bitmap this host does not have
+// (then doing all of it is the safe way to do its part).
+func (a *Agent) opBitmap(vol *volume, act shadowset.Action) (work *bitmap.Bitmap, whole bool) {
+	switch act.OpKind {
+	case shadowset.Minimerge:
+		if b, ok := vol.bm.hbmmBitmap(); ok {
+			// A snapshot: chunks written from now on reach every member
+			// under the range lock, so they cannot differ.
+			return b.Clone(), false
+		}
+	case shadowset.Minicopy:
+		if mc := vol.bm.minicopyFor(act.Target); mc != nil {
+			return mc.bm.Clone(), false
+		}
+	case shadowset.ControllerMinimerge:
+		if b := vol.loggedChunks(); b != nil {
+			return b, false
+		}
+	default:
+		return nil, true
+	}
+	a.log.Warn().Str("vu", act.Set).Uint64("op", uint64(act.Op)).Str("kind", act.OpKind.String()).Msg("this host has no bitmap for the op: it covers the whole volume")
+	return nil, true
+}
+
+func (a *Agent) runMerge(ctx context.Context, vol *volume, act shadowset.Action, f mergeFence, work *bitmap.Bitmap) error {
 	ms := vol.vu.Members()
 	master := masterMember(ms)
 	var failed string
@@ -165,14 +210,14 @@ func (a *Agent) runMerge(ctx context.Context, vol *volume, act shadowset.Action,
 	}
 	vol.vu.SetMerge(f, master)
 	_, err := merge.Run(ctx, merge.Job{Master: dev(master), Others: others,
-		Plan: a.plan(ctx, vol, act, func(lbn uint64) { f.at.Store(int64(lbn) * meta.LBNSize) })})
+		Plan: a.plan(ctx, vol, act, work, func(lbn uint64) { f.advance(int64(lbn) * meta.LBNSize) })})
 	if err != nil && ctx.Err() == nil {
 		return &engineError{member: failed, err: err}
 	}
 	return err
 }
 
-func (a *Agent) runCopy(ctx context.Context, vol *volume, act shadowset.Action) error {
+func (a *Agent) runCopy(ctx context.Context, vol *volume, act shadowset.Action, work *bitmap.Bitmap) error {
 	src, _ := vol.copySource.Load().(string)
 	if _, role, ok := vol.vu.Device(src); !ok || role != vu.Full {
 		src = masterMember(vol.vu.Members())
@@ -188,7 +233,7 @@ func (a *Agent) runCopy(ctx context.Context, vol *volume, act shadowset.Action) 
 	vol.mdMu.Unlock()
 	err := shadowcopy.Run(ctx, shadowcopy.Job{
 		Source: taggedDevice{Device: sd, failed: &failed}, Target: taggedDevice{Device: td, failed: &failed},
-		Plan: a.plan(ctx, vol, act, func(lbn uint64) {
+		Plan: a.plan(ctx, vol, act, work, func(lbn uint64) {
 			// The target is flushed below lbn: record it in its metadata so
 			// the copy can be continued there, before the core hears of it.
 			if target != nil {
@@ -234,6 +279,8 @@ func (a *Agent) finished(act shadowset.Action) {
 		if err := vol.writeAll(); err != nil {
 			a.log.Error().Str("vu", act.Set).Err(err).Msg("cannot record the completed copy")
 		}
+		// The member is whole again: its minicopy bitmap is done with.
+		vol.bm.dropMinicopy(act.Target)
 	}
 	a.log.Info().Str("vu", act.Set).Uint64("op", uint64(act.Op)).Str("kind", act.OpKind.String()).Msg(act.OpKind.String() + " completed")
 }

@@ -22,6 +22,41 @@ type SetShow struct {
 	Priority  int          `json:"priority"`
 	Members   []MemberShow `json:"members"`
 	Ops       []OpShow     `json:"ops"`
+	// ChunkBytes is the write bitmaps' chunk size.
+	ChunkBytes int64 `json:"chunk_bytes"`
+	// WriteLog: the set keeps write logs on its members (controller
+	// minimerge).
+	WriteLog bool      `json:"write_log"`
+	HBMM     *HBMMShow `json:"hbmm,omitempty"`
+	// Minicopy lists the minicopy bitmaps kept for absent members.
+	Minicopy []MinicopyShow `json:"minicopy_bitmaps"`
+	// Work is what the bitmap-aware engines did: running ops first, then
+	// the last completed ones (most recent last).
+	Work      []OpWorkShow `json:"work"`
+	Completed []OpWorkShow `json:"completed"`
+}
+
+// HBMMShow is a set's HBMM state.
+type HBMMShow struct {
+	Enabled bool `json:"enabled"`
+	// Policy is the policy in force (its name, or the set's own).
+	Policy         string `json:"policy,omitempty"`
+	PolicyText     string `json:"policy_text,omitempty"`
+	ResetThreshold uint64 `json:"reset_threshold,omitempty"`
+	// ActiveOn lists the hosts holding master bitmaps.
+	ActiveOn []string `json:"active_on"`
+	// ModifiedBlocks: "Modified blocks since bitmap creation" (512-byte
+	// blocks, whole chunks), and the same in chunks.
+	ModifiedBlocks uint64 `json:"modified_blocks"`
+	ModifiedChunks uint64 `json:"modified_chunks"`
+	Resets         int    `json:"resets"`
+}
+
+// MinicopyShow is one absent member's minicopy bitmap.
+type MinicopyShow struct {
+	Member    string `json:"member"`
+	Chunks    uint64 `json:"chunks"`
+	Automatic bool   `json:"automatic"`
 }
 
 // MemberShow is one member.
@@ -108,6 +143,26 @@ func FormatShow(r ShowReport, full bool) string {
 			fmt.Fprintf(&b, "  NBD export         %s\n", s.NBDURI)
 		}
 		fmt.Fprintf(&b, "  Copy/Merge Priority %d\n", s.Priority)
+		switch {
+		case s.HBMM != nil && s.HBMM.Enabled:
+			b.WriteString("  Enhanced Shadowing Features in use:\n      Host-Based Minimerge (HBMM)\n")
+			b.WriteString("  HBMM Policy\n")
+			if s.HBMM.Policy != "" {
+				fmt.Fprintf(&b, "    Policy: %s\n", s.HBMM.Policy)
+			}
+			fmt.Fprintf(&b, "    HBMM Reset Threshold: %d\n", s.HBMM.ResetThreshold)
+			if len(s.HBMM.ActiveOn) > 0 {
+				fmt.Fprintf(&b, "    HBMM bitmaps are active on %s\n", strings.Join(s.HBMM.ActiveOn, ","))
+			} else {
+				b.WriteString("    HBMM bitmaps are not active (no master host has the set mounted)\n")
+			}
+			fmt.Fprintf(&b, "    Modified blocks since bitmap creation: %d\n", s.HBMM.ModifiedBlocks)
+		case s.WriteLog:
+			b.WriteString("  Enhanced Shadowing Features in use:\n      Write logs (controller minimerge)\n")
+		}
+		for _, mc := range s.Minicopy {
+			fmt.Fprintf(&b, "  Minicopy bitmap for %s: %d chunks\n", mc.Member, mc.Chunks)
+		}
 		if full {
 			fmt.Fprintf(&b, "  Mounted on         %s\n", strings.Join(s.Mounted, ","))
 		}
@@ -139,6 +194,12 @@ func FormatShow(r ShowReport, full bool) string {
 				}
 				b.WriteString("\n")
 			}
+			for _, w := range s.Work {
+				fmt.Fprintf(&b, "  Op %d %s: %s\n", w.ID, w.Kind, w.describe())
+			}
+			for _, w := range s.Completed {
+				fmt.Fprintf(&b, "  Op %d %s completed: %s\n", w.ID, w.Kind, w.describe())
+			}
 		}
 	}
 	return b.String()
@@ -149,4 +210,29 @@ func ProgressBar(p, width int) string {
 	p = min(max(p, 0), 100)
 	filled := p * width / 100
 	return "[" + strings.Repeat("#", filled) + strings.Repeat(".", width-filled) + fmt.Sprintf("] %3d%%", p)
+}
+
+func (w OpWorkShow) describe() string {
+	if w.BitmapChunks > 0 {
+		return fmt.Sprintf("%d of %d bitmap chunks (%d bytes)", w.ChunksDone, w.BitmapChunks, w.BytesDone)
+	}
+	return fmt.Sprintf("%d bytes", w.BytesDone)
+}
+
+// PolicyShow lists the HBMM policies (show --policy hbmm).
+type PolicyShow struct {
+	Name   string `json:"name"`
+	Policy string `json:"policy"`
+}
+
+// FormatPolicies renders show --policy hbmm.
+func FormatPolicies(ps []PolicyShow) string {
+	if len(ps) == 0 {
+		return "No HBMM policies defined\n"
+	}
+	var b strings.Builder
+	for _, p := range ps {
+		fmt.Fprintf(&b, "HBMM Policy %s: %s\n", p.Name, p.Policy)
+	}
+	return b.String()
 }

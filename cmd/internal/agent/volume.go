@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/cmd/internal/device"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/nbd"
@@ -36,9 +37,14 @@ type volume struct {
 	dirty     atomic.Bool
 	lastWrite atomic.Int64 // unix nanos
 
-	// mergeFence is the byte offset below which the running merge on this
-	// host has made the members agree; nil when no merge runs here.
-	mergeFence *fence
+	// mergeFence says what the running merge on this host still owes
+	// (nil when no merge runs here).
+	mergeFence mergeFence
+
+	// bm holds the set's write bitmaps; writeLog: the set keeps write logs
+	// on its members (controller minimerge) instead of HBMM.
+	bm       *bitmaps
+	writeLog bool
 
 	stopCleaner chan struct{}
 	cleanerDone chan struct{}
@@ -71,6 +77,15 @@ type fence struct{ at atomic.Int64 }
 // Pending implements vu.MergeWork.
 func (f *fence) Pending(off, n int64) bool { return off+n > f.at.Load() }
 
+// advance moves the fence to a checkpoint.
+func (f *fence) advance(off int64) { f.at.Store(off) }
+
+// mergeFence is a running merge's progress, full or over a bitmap.
+type mergeFence interface {
+	Pending(off, n int64) bool
+	advance(off int64)
+}
+
 // MountArgs is the mount verb.
 type MountArgs struct {
 	Set     string   `json:"set"`
@@ -85,6 +100,14 @@ type MountArgs struct {
 	// corrupt.
 	Overwrite bool `json:"overwrite,omitempty"`
 	Direct    bool `json:"direct,omitempty"`
+	// WriteLog keeps write logs on the members (controller minimerge);
+	// a set mounted before keeps what its metadata says.
+	WriteLog bool `json:"write_log,omitempty"`
+	// Policy is "minicopy" (a returning member must come back by
+	// minicopy, else the mount fails), "minicopy=optional" or "".
+	Policy string `json:"policy,omitempty"`
+	// ChunkSize is the write bitmaps' chunk (a new mount; default 64 KiB).
+	ChunkSize int64 `json:"chunk_size,omitempty"`
 }
 
 // MountResult answers the mount verb.
@@ -94,6 +117,8 @@ type MountResult struct {
 	Size    int64    `json:"size_bytes"`
 	Created bool     `json:"created"`
 	Copies  []string `json:"copies,omitempty"`
+	// Minicopies are the members among Copies that come back by minicopy.
+	Minicopies []string `json:"minicopies,omitempty"`
 	// Merge is the merge the mount requires ("full-merge" after a crash),
 	// empty if none.
 	Merge    string   `json:"merge,omitempty"`
@@ -298,6 +323,12 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		}
 	}
 
+	if mcPolicy, err := ParseMinicopyPolicy(args.Policy); err != nil {
+		return nil, err
+	} else if mcPolicy == MinicopyRequired && slices.ContainsFunc(roles, func(r role) bool { return r.copy }) {
+		return nil, fmt.Errorf("mount %s --policy minicopy: the set is not mounted here, so no minicopy bitmap exists: a member would get a full copy (use --policy minicopy=optional)", args.Set)
+	}
+
 	// The membership being mounted, as the metadata will say.
 	size := int64(-1)
 	var members []meta.Member
@@ -321,7 +352,15 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 	md.Members = members
 	md.Dirty = true
 
-	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{},
+	chunk := args.ChunkSize
+	if chunk == 0 {
+		chunk = bitmap.DefaultChunkSize
+	}
+	bms, err := newBitmaps(chunk)
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+	}
+	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{}, bm: bms,
 		stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{})}
 	var specs []vu.MemberSpec
 	for i, p := range probes {
@@ -341,7 +380,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 	vol.dirty.Store(true)
 	v, err := vu.New(vu.Config{Name: args.Set, Size: size, Members: specs, Logger: a.log,
 		Expel:     func(path string, cause error) error { return a.expel(vol, path, cause) },
-		WriteGate: vol.writeGate})
+		WriteGate: vol.writeGate, FlushGate: vol.flushGate})
 	if err != nil {
 		return nil, err
 	}
@@ -406,6 +445,13 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		_ = a.dismountSet(args.Set)
 		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
 	}
+	if _, ok := a.policies.get(PolicyDefault); ok && !vol.writeLog {
+		// OpenVMS applies the policy named DEFAULT to a set mounted
+		// without one.
+		if err := a.applyHBMM(vol, hbmmSetting{enabled: true}); err != nil {
+			res.Warnings = append(res.Warnings, "HBMM policy DEFAULT not applied: "+err.Error())
+		}
+	}
 	go vol.cleaner(a)
 	res.URI, res.Size, res.Copies = a.URI(args.Set), size, adds
 	for _, w := range res.Warnings {
@@ -458,8 +504,39 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	if p.md == nil && !p.blank && !args.Confirm && !args.Overwrite {
 		return nil, fmt.Errorf("%s holds data and would get a full copy: use --confirm", path)
 	}
-	m := &memberRT{path: path, dev: p.dev, uuid: meta.NewUUID()}
+	mcPolicy, err := ParseMinicopyPolicy(args.Policy)
+	if err != nil {
+		return nil, err
+	}
+	res := &MountResult{Set: vol.name, URI: a.URI(vol.name), Size: vol.size, Copies: []string{path}, Warnings: p.warnings}
+	// A returning member comes back by minicopy when this host kept its
+	// bitmap and the member still records the generation it left at:
+	// anything else means it was written outside the set.
+	uuid := meta.NewUUID()
+	mc := vol.bm.minicopyFor(path)
+	why := ""
+	switch {
+	case mc == nil:
+		why = "no minicopy bitmap is kept for it"
+	case p.md == nil || p.md.SetUUID != vol.md.SetUUID || p.md.MemberUUID != mc.uuid:
+		why = "it is not the member that left"
+	case p.md.Generation != mc.gen:
+		why = fmt.Sprintf("it was written outside the set (generation %s, it left at %s)", p.md.Generation, mc.gen)
+	}
+	if why != "" && mcPolicy == MinicopyRequired {
+		return nil, fmt.Errorf("%s cannot come back by minicopy: %s (use --policy minicopy=optional for a full copy)", path, why)
+	}
+	if why == "" {
+		uuid = mc.uuid
+		res.Minicopies = []string{path}
+	} else if mc != nil {
+		vol.bm.dropMinicopy(path)
+		res.Warnings = append(res.Warnings, fmt.Sprintf("%s gets a full copy: %s", path, why))
+	}
+	m := &memberRT{path: path, dev: p.dev, uuid: uuid}
 	vol.mdMu.Lock()
+	// A returning member keeps its entry (and UUID); a new one is added.
+	vol.md.Members = slices.DeleteFunc(vol.md.Members, func(x meta.Member) bool { return x.UUID == m.uuid })
 	vol.md.Members = append(vol.md.Members, meta.Member{UUID: m.uuid, Role: meta.RoleCopyTarget, PathHint: path})
 	vol.md.NextGeneration()
 	vol.members[path] = m
@@ -472,13 +549,13 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 		vol.forget(path)
 		return nil, err
 	}
-	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvAddMember, Set: vol.name, Member: path}); err != nil {
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvAddMember, Set: vol.name, Member: path, FullCopy: why != ""}); err != nil {
 		_ = vol.vu.RemoveMember(path)
 		vol.forget(path)
 		return nil, err
 	}
 	ok = true
-	return &MountResult{Set: vol.name, URI: a.URI(vol.name), Size: vol.size, Copies: []string{path}, Warnings: p.warnings}, nil
+	return res, nil
 }
 
 // forget drops a member from the runtime and the metadata table.
@@ -547,7 +624,7 @@ func sortedKeys[V any](m map[string]V) []string {
 // writeGate makes the dirty flag durable before the first write after the
 // set was marked clean, and holds off marking clean while writes are in
 // flight.
-func (vol *volume) writeGate() (func(), error) {
+func (vol *volume) writeGate(off, n int64) (func(), error) {
 	vol.cleanMu.RLock()
 	if !vol.dirty.Load() {
 		vol.cleanMu.RUnlock()
@@ -566,7 +643,19 @@ func (vol *volume) writeGate() (func(), error) {
 		vol.cleanMu.RLock()
 	}
 	vol.lastWrite.Store(time.Now().UnixNano())
-	return vol.cleanMu.RUnlock, nil
+	// Into the bitmaps before any member sees the data (invariant 2).
+	vol.bm.tracker.Mark(off, n)
+	vol.bm.sinceFlush.Issued(off, n)
+	return func() {
+		vol.bm.sinceFlush.Completed(off, n)
+		vol.cleanMu.RUnlock()
+	}, nil
+}
+
+// flushGate tells the since-flush bitmap what a successful flush covers.
+func (vol *volume) flushGate() func(bool) {
+	tok := vol.bm.sinceFlush.FlushBegin()
+	return func(ok bool) { _ = vol.bm.sinceFlush.FlushDone(tok, ok) }
 }
 
 // markClean flushes the set and records it clean, if no write is in
@@ -617,6 +706,7 @@ func (vol *volume) cleaner(a *Agent) {
 			if err := vol.markClean(a, false); err != nil {
 				a.log.Warn().Str("vu", vol.name).Err(err).Msg("could not mark the set clean")
 			}
+			a.maybeReset(vol)
 		}
 	}
 }
@@ -633,8 +723,22 @@ func (a *Agent) expel(vol *volume, path string, cause error) error {
 	if !present {
 		return nil // a concurrent request expelled it already
 	}
+	_, role, _ := vol.vu.Device(path)
+	vol.mdMu.Lock()
+	gen := vol.md.Generation
+	uuid := vol.members[path].uuid
+	vol.mdMu.Unlock()
 	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvIOError, Set: vol.name, Member: path, Host: a.host}); err != nil {
 		return err
+	}
+	if role == vu.Full {
+		// The automatic minicopy bitmap: every chunk written since the
+		// last successful flush (the failing write among them, since it
+		// is still in flight), and every write from now on.
+		mc := &minicopyBitmap{path: path, uuid: uuid, gen: gen, automatic: true}
+		if err := vol.bm.keepMinicopy(mc, vol.bm.sinceFlush.Snapshot); err != nil {
+			a.log.Warn().Str("vu", vol.name).Str("member", path).Err(err).Msg("no automatic minicopy bitmap")
+		}
 	}
 	vol.mdMu.Lock()
 	m, ok := vol.members[path]

@@ -1,0 +1,517 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/shadow-project/shadow/bitmap"
+	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/shadowset"
+)
+
+// This file holds what a set's write bitmaps need on this host: the HBMM
+// policy and master bitmap, the minicopy bitmaps of absent members, the
+// chunks written since the last flush (for an expelled member's automatic
+// bitmap), the reset threshold, and the work counters shown for bitmap
+// ops. The bitmaps live in the agent's memory, as OpenVMS keeps them in
+// its hosts' memory: an agent crash loses them, and the core then
+// requires full merges and full copies (write logs, kept on the members,
+// are what survive a crash).
+
+// minicopyBitmap is an absent member's write bitmap.
+type minicopyBitmap struct {
+	path string
+	uuid meta.UUID
+	// gen is the set's generation the member last recorded: a member that
+	// comes back with another one was written outside the set.
+	gen meta.Generation
+	bm  *bitmap.Bitmap
+	// automatic: made when the member was expelled after an I/O error.
+	automatic bool
+}
+
+func minicopySink(path string) string { return "minicopy " + path }
+
+// hbmmSetting is a set's HBMM state on this host.
+type hbmmSetting struct {
+	// own is the set's own policy; named the named policy assigned to it
+	// (PolicyNoDefault included); with neither, DEFAULT applies.
+	own   *HBMMPolicy
+	named string
+	// enabled: the set is using HBMM; masters are the hosts holding
+	// master bitmaps now (this host alone, on one host).
+	enabled bool
+	masters []string
+	resets  int
+}
+
+// opWork counts what a bitmap op covers and what it moved, for show.
+type opWork struct {
+	id    shadowset.OpID
+	kind  shadowset.OpKind
+	total uint64 // chunks in the op's bitmap; 0 for a full op
+	chunk int64
+	done  atomic.Uint64
+	bytes atomic.Int64
+}
+
+// OpWorkShow is the work of a running or recently completed op.
+type OpWorkShow struct {
+	ID   uint64 `json:"id"`
+	Kind string `json:"kind"`
+	// BitmapChunks is how many chunks the op's bitmap holds (minimerge,
+	// controller minimerge, minicopy); 0 for full ops.
+	BitmapChunks uint64 `json:"bitmap_chunks"`
+	// ChunksDone is how many chunks the op has merged or copied (of
+	// ChunkBytes each; full ops count 1 MiB steps).
+	ChunksDone uint64 `json:"chunks_done"`
+	ChunkBytes int64  `json:"chunk_bytes"`
+	BytesDone  int64  `json:"bytes_done"`
+}
+
+func (w *opWork) show() OpWorkShow {
+	return OpWorkShow{ID: uint64(w.id), Kind: w.kind.String(), BitmapChunks: w.total, ChunksDone: w.done.Load(), ChunkBytes: w.chunk, BytesDone: w.bytes.Load()}
+}
+
+// bitmaps is the per-volume bitmap state.
+type bitmaps struct {
+	chunkSize  int64
+	tracker    *bitmap.Tracker
+	sinceFlush *bitmap.SinceFlush
+
+	mu        sync.Mutex
+	hbmm      hbmmSetting
+	minicopy  map[string]*minicopyBitmap // by member path
+	work      map[shadowset.OpID]*opWork
+	completed []OpWorkShow // most recent last
+	// logged is the union of the members' write logs found at mount.
+	logged *bitmap.Bitmap
+}
+
+const keepCompleted = 8
+
+func newBitmaps(chunkSize int64) (*bitmaps, error) {
+	t, err := bitmap.NewTracker(chunkSize)
+	if err != nil {
+		return nil, err
+	}
+	sf, err := bitmap.NewSinceFlush(chunkSize)
+	if err != nil {
+		return nil, err
+	}
+	return &bitmaps{chunkSize: chunkSize, tracker: t, sinceFlush: sf, minicopy: map[string]*minicopyBitmap{}, work: map[shadowset.OpID]*opWork{}}, nil
+}
+
+// startWork registers a running op's counters.
+func (b *bitmaps) startWork(id shadowset.OpID, kind shadowset.OpKind, total uint64, chunk int64) *opWork {
+	w := &opWork{id: id, kind: kind, total: total, chunk: chunk}
+	b.mu.Lock()
+	b.work[id] = w
+	b.mu.Unlock()
+	return w
+}
+
+// endWork moves an op's counters to the completed list (completed) or
+// drops them (stopped: the op will run again).
+func (b *bitmaps) endWork(id shadowset.OpID, completed bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	w, ok := b.work[id]
+	if !ok {
+		return
+	}
+	delete(b.work, id)
+	if completed {
+		b.completed = append(b.completed, w.show())
+		if len(b.completed) > keepCompleted {
+			b.completed = b.completed[len(b.completed)-keepCompleted:]
+		}
+	}
+}
+
+// minicopyFor returns the member's minicopy bitmap, if any.
+func (b *bitmaps) minicopyFor(path string) *minicopyBitmap {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.minicopy[path]
+}
+
+// keepMinicopy starts recording writes for an absent member. seed, if
+// given, returns chunks written before (an expelled member's unflushed
+// writes); it is called after the sink is in place, so that no write
+// falls between the two.
+func (b *bitmaps) keepMinicopy(mc *minicopyBitmap, seed func() *bitmap.Bitmap) error {
+	bm, err := bitmap.New(b.chunkSize)
+	if err != nil {
+		return err
+	}
+	b.dropMinicopy(mc.path)
+	if err := b.tracker.AddSink(minicopySink(mc.path), bm); err != nil {
+		return err
+	}
+	if seed != nil {
+		if err := bm.Or(seed()); err != nil {
+			return err
+		}
+	}
+	mc.bm = bm
+	b.mu.Lock()
+	b.minicopy[mc.path] = mc
+	b.mu.Unlock()
+	return nil
+}
+
+// dropMinicopy deletes a member's minicopy bitmap (its minicopy completed,
+// or it cannot be used).
+func (b *bitmaps) dropMinicopy(path string) {
+	b.mu.Lock()
+	delete(b.minicopy, path)
+	b.mu.Unlock()
+	b.tracker.RemoveSink(minicopySink(path))
+}
+
+// hbmmBitmap is the master bitmap, if this host holds one.
+func (b *bitmaps) hbmmBitmap() (*bitmap.Bitmap, bool) { return b.tracker.Sink(bitmap.HBMMSink) }
+
+// blocksPerChunk converts chunks to OpenVMS's 512-byte blocks.
+func (b *bitmaps) blocksPerChunk() uint64 { return uint64(b.chunkSize / meta.LBNSize) }
+
+// bitmapFence is a bitmap merge's progress: the chunks of its bitmap at or
+// above the fence are still owed. Reads elsewhere need no care.
+type bitmapFence struct {
+	fence
+	bm *bitmap.Bitmap
+}
+
+// Pending implements vu.MergeWork.
+func (f *bitmapFence) Pending(off, n int64) bool {
+	if n <= 0 || off+n <= f.at.Load() {
+		return false
+	}
+	cs := f.bm.ChunkSize()
+	first, last := uint64(off/cs), uint64((off+n-1)/cs)
+	next, ok := f.bm.NextFrom(first)
+	return ok && next <= last
+}
+
+// nextChunk makes a walk's Next over a bitmap.
+func nextChunk(bm *bitmap.Bitmap) func(off int64) (int64, bool) {
+	cs := bm.ChunkSize()
+	return func(off int64) (int64, bool) {
+		c, ok := bm.NextFrom(uint64(off / cs))
+		if !ok {
+			return 0, false
+		}
+		return int64(c) * cs, true
+	}
+}
+
+// ---- policies
+
+// policyStore holds the named HBMM policies (clusterwide in OpenVMS; this
+// host's for now).
+type policyStore struct {
+	mu    sync.Mutex
+	named map[string]HBMMPolicy
+}
+
+func (s *policyStore) get(name string) (HBMMPolicy, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, ok := s.named[strings.ToUpper(name)]
+	return p, ok
+}
+
+func (s *policyStore) define(name string, p HBMMPolicy) error {
+	name = strings.ToUpper(name)
+	if err := validPolicyName(name); err != nil {
+		return err
+	}
+	if name == PolicyNoDefault {
+		return fmt.Errorf("%w: NODEFAULT is reserved: it means a set uses no HBMM", ErrPolicy)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.named == nil {
+		s.named = map[string]HBMMPolicy{}
+	}
+	if _, ok := s.named[name]; !ok && len(s.named) >= maxNamedPolicies {
+		return fmt.Errorf("%w: already %d named policies", ErrPolicy, maxNamedPolicies)
+	}
+	p.Name = name
+	s.named[name] = p
+	return nil
+}
+
+func (s *policyStore) remove(name string) error {
+	name = strings.ToUpper(name)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.named[name]; !ok {
+		return fmt.Errorf("%w: no policy named %s", ErrPolicy, name)
+	}
+	delete(s.named, name)
+	return nil
+}
+
+func (s *policyStore) list() []HBMMPolicy {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]HBMMPolicy, 0, len(s.named))
+	for _, p := range s.named {
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// effectivePolicy is the policy a set would use, and why not if none.
+func (a *Agent) effectivePolicy(h hbmmSetting) (HBMMPolicy, error) {
+	switch {
+	case h.own != nil:
+		return *h.own, nil
+	case h.named == PolicyNoDefault:
+		return HBMMPolicy{}, fmt.Errorf("%w: the set's policy is NODEFAULT: it uses no HBMM", ErrPolicy)
+	case h.named != "":
+		p, ok := a.policies.get(h.named)
+		if !ok {
+			return HBMMPolicy{}, fmt.Errorf("%w: the set's policy %s no longer exists", ErrPolicy, h.named)
+		}
+		return p, nil
+	}
+	p, ok := a.policies.get(PolicyDefault)
+	if !ok {
+		return HBMMPolicy{}, fmt.Errorf("%w: the set has no HBMM policy and none is named DEFAULT (give --policy hbmm=(master_list=(...)))", ErrPolicy)
+	}
+	return p, nil
+}
+
+// applyHBMM makes the set's HBMM state what h says: the masters go to the
+// core through the log (which refuses while a minimerge exists), then the
+// master bitmap is created or dropped here with no write in flight, so
+// that no write escapes a new bitmap.
+func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
+	var masters []string
+	if h.enabled {
+		if vol.writeLog {
+			return fmt.Errorf("%w: %s uses write logs; a set uses HBMM or write logs, not both", ErrPolicy, vol.name)
+		}
+		p, err := a.effectivePolicy(h)
+		if err != nil {
+			return err
+		}
+		masters = p.Masters([]string{a.host})
+	}
+	bm := vol.bm
+	bm.mu.Lock()
+	old := bm.hbmm
+	bm.mu.Unlock()
+	if h.enabled == old.enabled && slices.Equal(masters, old.masters) {
+		bm.mu.Lock()
+		bm.hbmm.own, bm.hbmm.named = h.own, h.named
+		bm.mu.Unlock()
+		return nil
+	}
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvHBMM, Set: vol.name, Spec: &shadowset.SetSpec{Name: vol.name, HBMM: masters}}); err != nil {
+		return err
+	}
+	holds := slices.Contains(masters, a.host)
+	vol.quiesce(func() {
+		_, had := bm.hbmmBitmap()
+		switch {
+		case holds && !had:
+			fresh, _ := bitmap.New(bm.chunkSize)
+			_ = bm.tracker.AddSink(bitmap.HBMMSink, fresh)
+		case !holds && had:
+			bm.tracker.RemoveSink(bitmap.HBMMSink)
+		}
+	})
+	h.masters = masters
+	bm.mu.Lock()
+	h.resets = old.resets
+	bm.hbmm = h
+	bm.mu.Unlock()
+	a.log.Info().Str("vu", vol.name).Bool("enabled", h.enabled).Strs("masters", masters).Msg("hbmm policy applied")
+	return nil
+}
+
+// quiesce runs fn with no application write in flight to the set (the
+// dirty/clean gate held for writing).
+func (vol *volume) quiesce(fn func()) {
+	vol.cleanMu.Lock()
+	defer vol.cleanMu.Unlock()
+	fn()
+}
+
+// policyVerb handles set's HBMM qualifiers.
+func (a *Agent) policyVerb(args SetArgs) error {
+	var ref PolicyRef
+	if args.Policy != "" {
+		var err error
+		if ref, err = ParseHBMMPolicy(args.Policy); err != nil {
+			return err
+		}
+	}
+	if args.Set == "" {
+		// Named policies: define or delete.
+		switch {
+		case args.Name == "":
+			return fmt.Errorf("%w: without a set, --policy and --delete need --name", ErrPolicy)
+		case args.Delete:
+			return a.policies.remove(args.Name)
+		case ref.Policy == nil:
+			return fmt.Errorf("%w: --name %s needs --policy hbmm=(master_list=(...),...)", ErrPolicy, args.Name)
+		}
+		return a.policies.define(args.Name, *ref.Policy)
+	}
+	vol, err := a.volume(args.Set)
+	if err != nil {
+		return err
+	}
+	vol.bm.mu.Lock()
+	h := vol.bm.hbmm
+	vol.bm.mu.Unlock()
+	switch {
+	case args.Name != "":
+		return fmt.Errorf("%w: --name defines a named policy: give no set (and assign it with --policy hbmm=%s)", ErrPolicy, args.Name)
+	case args.Delete:
+		h.own, h.named = nil, ""
+	case ref.Policy != nil:
+		h.own, h.named = ref.Policy, ""
+	case ref.Name != "":
+		if ref.Name != PolicyNoDefault {
+			if _, ok := a.policies.get(ref.Name); !ok {
+				return fmt.Errorf("%w: no policy named %s", ErrPolicy, ref.Name)
+			}
+		}
+		h.own, h.named = nil, ref.Name
+		if ref.Name == PolicyNoDefault {
+			h.enabled = false
+		}
+	}
+	switch strings.ToLower(args.Enable) {
+	case "":
+	case "hbmm":
+		h.enabled = true
+	default:
+		return fmt.Errorf("%w: --enable %q: only hbmm", ErrPolicy, args.Enable)
+	}
+	switch strings.ToLower(args.Disable) {
+	case "":
+	case "hbmm":
+		h.enabled = false
+	default:
+		return fmt.Errorf("%w: --disable %q: only hbmm", ErrPolicy, args.Disable)
+	}
+	return a.applyHBMM(vol, h)
+}
+
+// ---- reset threshold
+
+// maybeReset clears the master bitmap once it records more modified
+// blocks than the policy's threshold, as OpenVMS does every
+// SHADOW_HBMM_RTC seconds. Never while a merge is owed (the bitmap feeds
+// it) and never with a write in flight (invariant 5); minicopy bitmaps
+// are separate sinks and are never reset.
+func (a *Agent) maybeReset(vol *volume) {
+	bm := vol.bm
+	bm.mu.Lock()
+	h := bm.hbmm
+	bm.mu.Unlock()
+	if !h.enabled {
+		return
+	}
+	p, err := a.effectivePolicy(h)
+	if err != nil || p.ResetThreshold == 0 {
+		return
+	}
+	if bm.tracker.Modified(bitmap.HBMMSink)*bm.blocksPerChunk() <= p.ResetThreshold {
+		return
+	}
+	if sv, ok := a.setView(vol.name); ok {
+		for _, op := range sv.Ops {
+			if op.Kind.IsMerge() {
+				return
+			}
+		}
+	}
+	var before uint64
+	var err2 error
+	vol.quiesce(func() {
+		before = bm.tracker.Modified(bitmap.HBMMSink)
+		err2 = bm.tracker.Reset(bitmap.HBMMSink)
+	})
+	if err2 != nil {
+		if !errors.Is(err2, bitmap.ErrNoSink) {
+			a.log.Warn().Str("vu", vol.name).Err(err2).Msg("hbmm reset failed")
+		}
+		return
+	}
+	bm.mu.Lock()
+	bm.hbmm.resets++
+	bm.mu.Unlock()
+	a.log.Info().Str("vu", vol.name).Uint64("modified_blocks", before*bm.blocksPerChunk()).Uint64("reset_threshold", p.ResetThreshold).Msg("hbmm bitmap reset")
+}
+
+// loggedChunks is what the members' write logs recorded at mount, for a
+// controller minimerge (nil: no usable logs, so the whole volume).
+func (vol *volume) loggedChunks() *bitmap.Bitmap {
+	vol.bm.mu.Lock()
+	defer vol.bm.mu.Unlock()
+	if vol.bm.logged == nil {
+		return nil
+	}
+	return vol.bm.logged.Clone()
+}
+
+// showBitmaps fills a set's bitmap fields for show.
+func (a *Agent) showBitmaps(vol *volume, s *SetShow) {
+	bm := vol.bm
+	s.ChunkBytes, s.WriteLog = bm.chunkSize, vol.writeLog
+	bm.mu.Lock()
+	h := bm.hbmm
+	s.Minicopy = []MinicopyShow{}
+	for _, p := range sortedKeys(bm.minicopy) {
+		mc := bm.minicopy[p]
+		s.Minicopy = append(s.Minicopy, MinicopyShow{Member: p, Chunks: mc.bm.Count(), Automatic: mc.automatic})
+	}
+	s.Work = []OpWorkShow{}
+	for _, w := range bm.work {
+		s.Work = append(s.Work, w.show())
+	}
+	s.Completed = slices.Clone(bm.completed)
+	if s.Completed == nil {
+		s.Completed = []OpWorkShow{}
+	}
+	bm.mu.Unlock()
+	sort.Slice(s.Work, func(i, j int) bool { return s.Work[i].ID < s.Work[j].ID })
+	if !h.enabled && h.own == nil && h.named == "" {
+		return
+	}
+	hs := &HBMMShow{Enabled: h.enabled, ActiveOn: slices.Clone(h.masters), Resets: h.resets}
+	if hs.ActiveOn == nil {
+		hs.ActiveOn = []string{}
+	}
+	if p, err := a.effectivePolicy(h); err == nil {
+		hs.Policy, hs.PolicyText, hs.ResetThreshold = p.Name, p.String(), p.ResetThreshold
+	} else if h.named != "" {
+		hs.Policy = h.named
+	}
+	hs.ModifiedChunks = bm.tracker.Modified(bitmap.HBMMSink)
+	hs.ModifiedBlocks = hs.ModifiedChunks * bm.blocksPerChunk()
+	s.HBMM = hs
+}
+
+// Policies lists the named HBMM policies.
+func (a *Agent) Policies() []PolicyShow {
+	out := []PolicyShow{}
+	for _, p := range a.policies.list() {
+		out = append(out, PolicyShow{Name: p.Name, Policy: p.String()})
+	}
+	return out
+}
