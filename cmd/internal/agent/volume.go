@@ -62,6 +62,19 @@ func (vol *volume) retire(d device.Device) {
 	vol.retired = append(vol.retired, d)
 }
 
+// closeRetired closes the retired devices opened by path.
+func (vol *volume) closeRetired(path string) {
+	vol.retiredMu.Lock()
+	defer vol.retiredMu.Unlock()
+	vol.retired = slices.DeleteFunc(vol.retired, func(d device.Device) bool {
+		if d.Path() != path {
+			return false
+		}
+		_ = d.Close()
+		return true
+	})
+}
+
 // memberRT is one open member.
 type memberRT struct {
 	path string
@@ -485,6 +498,9 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	if dup {
 		return nil, fmt.Errorf("%s is already a member of %s", path, vol.name)
 	}
+	// An expelled member's device is kept open until dismount (requests
+	// in flight may still hold it); coming back, it is opened afresh.
+	vol.closeRetired(path)
 	p, err := a.openProbe(path, args.Direct, args.Overwrite)
 	if err != nil {
 		return nil, err
