@@ -13,7 +13,7 @@ import (
 //	off   len  field
 //	0     8    magic "SHDWMETA"
 //	8     4    format version
-//	12    4    flags (bit 0: dirty; other bits must be 0)
+//	12    4    flags (bit 0: dirty; bit 1: merge underway; other bits must be 0)
 //	16    8    seq
 //	24    16   set UUID
 //	40    16   member UUID
@@ -39,6 +39,7 @@ const (
 	headerSize = 104
 	crcOffset  = SlotSize - 4
 	flagDirty  = 1 << 0
+	flagMerge  = 1 << 1
 )
 
 var magic = [8]byte{'S', 'H', 'D', 'W', 'M', 'E', 'T', 'A'}
@@ -105,6 +106,9 @@ func Encode(m *Metadata) ([]byte, error) {
 	if m.Dirty {
 		flags |= flagDirty
 	}
+	if m.MergeUnderway {
+		flags |= flagMerge
+	}
 	le.PutUint32(b[12:], flags)
 	le.PutUint64(b[16:], m.Seq)
 	copy(b[24:40], m.SetUUID[:])
@@ -161,10 +165,11 @@ func Decode(b []byte) (*Metadata, error) {
 		return nil, fmt.Errorf("%w %d (this program reads %d)", ErrVersion, m.Version, FormatVersion)
 	}
 	flags := le.Uint32(b[12:])
-	if flags&^flagDirty != 0 {
+	if flags&^(flagDirty|flagMerge) != 0 {
 		return nil, corrupt("unknown flags %#x", flags)
 	}
 	m.Dirty = flags&flagDirty != 0
+	m.MergeUnderway = flags&flagMerge != 0
 	m.Seq = le.Uint64(b[16:])
 	m.SetUUID = UUID(b[24:40])
 	m.MemberUUID = UUID(b[40:56])

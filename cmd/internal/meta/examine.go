@@ -35,6 +35,9 @@ func Examine(m *Metadata, warnings []string) string {
 	if m.Dirty {
 		state = "dirty (needs a merge if found at mount)"
 	}
+	if m.MergeUnderway {
+		state += ", merge underway"
+	}
 	kv("State", "%s", state)
 	kv("Copy Checkpoint", "LBN %d (%d bytes)", m.CopyCheckpoint, m.CopyCheckpoint*LBNSize)
 	if m.WriteLog.Length == 0 && m.WriteLog.Offset == 0 {

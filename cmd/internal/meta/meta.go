@@ -255,6 +255,10 @@ type Metadata struct {
 	// Dirty is set while the set is mounted writable and cleared only
 	// after the data is flushed; a dirty member at mount needs a merge.
 	Dirty bool
+	// MergeUnderway: a merge was running on the set (a controller
+	// minimerge interrupted by a crash becomes a full merge: Table 8-1's
+	// mount row).
+	MergeUnderway bool
 	// CopyCheckpoint is the LBN (512-byte blocks) below which a copy to
 	// this member is done and flushed.
 	CopyCheckpoint uint64

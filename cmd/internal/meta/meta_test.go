@@ -85,6 +85,7 @@ func sample(t testing.TB, dev Device) *Metadata {
 		History:        []Generation{{2, 0x22}, {1, 0x11}},
 		Members:        []Member{{self, RoleFull, "/dev/loop0"}, {NewUUID(), RoleCopyTarget, "/srv/m2.img"}, {NewUUID(), RoleRemoved, ""}},
 		Dirty:          true,
+		MergeUnderway:  true,
 		CopyCheckpoint: 123456,
 		WriteLog:       area.WriteLog(),
 	}
@@ -495,7 +496,7 @@ func TestDecodeRefuses(t *testing.T) {
 	for name, mut := range map[string]func(b []byte) []byte{
 		"short":        func(b []byte) []byte { return b[:100] },
 		"padding":      func(b []byte) []byte { b[crcOffset-1] = 1; return fix(b) },
-		"flags":        func(b []byte) []byte { b[12] |= 2; return fix(b) },
+		"flags":        func(b []byte) []byte { b[12] |= 4; return fix(b) },
 		"reserved":     func(b []byte) []byte { b[103] = 1; return fix(b) },
 		"name length":  func(b []byte) []byte { b[100] = MaxSetName + 1; return fix(b) },
 		"member count": func(b []byte) []byte { b[102] = MaxMembers + 1; return fix(b) },
