@@ -57,8 +57,21 @@ func fioIOPS(t *testing.T, uri, rw string, files ...string) float64 {
 	} else {
 		settle(t)
 	}
+	return fioRun(t, uri, rw, "1g")
+}
+
+// fioIOPSSized measures random writes over a volume of the given size
+// (fio's --size) after settling the cache.
+func fioIOPSSized(t *testing.T, uri, size string) float64 {
+	t.Helper()
+	settle(t)
+	return fioRun(t, uri, "randwrite", size)
+}
+
+func fioRun(t *testing.T, uri, rw, size string) float64 {
+	t.Helper()
 	out := mustRun(t, 2*time.Minute, "fio", "--thread", "--name=bench", "--ioengine=nbd", "--uri="+uri, "--rw="+rw, "--bs=4k",
-		"--iodepth=16", "--size=1g", "--time_based", "--runtime="+benchRuntime, "--ramp_time=2",
+		"--iodepth=16", "--size="+size, "--time_based", "--runtime="+benchRuntime, "--ramp_time=2",
 		"--output-format=terse", "--terse-version=3")
 	for _, line := range strings.Split(out, "\n") {
 		f := strings.Split(line, ";")

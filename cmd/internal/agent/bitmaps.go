@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
@@ -58,6 +59,8 @@ type opWork struct {
 	chunk int64
 	done  atomic.Uint64
 	bytes atomic.Int64
+	began time.Time
+	ended time.Time // zero while running
 }
 
 // OpWorkShow is the work of a running or recently completed op.
@@ -72,10 +75,18 @@ type OpWorkShow struct {
 	ChunksDone uint64 `json:"chunks_done"`
 	ChunkBytes int64  `json:"chunk_bytes"`
 	BytesDone  int64  `json:"bytes_done"`
+	// ElapsedMS is the engine's running time (this run of the op), in
+	// milliseconds: recovery delays are not in it.
+	ElapsedMS int64 `json:"elapsed_ms"`
 }
 
 func (w *opWork) show() OpWorkShow {
-	return OpWorkShow{ID: uint64(w.id), Kind: w.kind.String(), BitmapChunks: w.total, ChunksDone: w.done.Load(), ChunkBytes: w.chunk, BytesDone: w.bytes.Load()}
+	end := w.ended
+	if end.IsZero() {
+		end = time.Now()
+	}
+	return OpWorkShow{ID: uint64(w.id), Kind: w.kind.String(), BitmapChunks: w.total, ChunksDone: w.done.Load(),
+		ChunkBytes: w.chunk, BytesDone: w.bytes.Load(), ElapsedMS: end.Sub(w.began).Milliseconds()}
 }
 
 // bitmaps is the per-volume bitmap state.
@@ -109,7 +120,7 @@ func newBitmaps(chunkSize int64) (*bitmaps, error) {
 
 // startWork registers a running op's counters.
 func (b *bitmaps) startWork(id shadowset.OpID, kind shadowset.OpKind, total uint64, chunk int64) *opWork {
-	w := &opWork{id: id, kind: kind, total: total, chunk: chunk}
+	w := &opWork{id: id, kind: kind, total: total, chunk: chunk, began: time.Now()}
 	b.mu.Lock()
 	b.work[id] = w
 	b.mu.Unlock()
@@ -126,6 +137,7 @@ func (b *bitmaps) endWork(id shadowset.OpID, completed bool) {
 		return
 	}
 	delete(b.work, id)
+	w.ended = time.Now()
 	if completed {
 		b.completed = append(b.completed, w.show())
 		if len(b.completed) > keepCompleted {
