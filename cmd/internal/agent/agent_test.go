@@ -81,11 +81,24 @@ func faultyOpener(powerLoss bool) (func(string, device.Options) (device.Device, 
 // kill stops an agent the way SIGKILL would: nothing is flushed or
 // recorded; only the member files are released.
 func (a *Agent) kill() {
+	a.halt()
+	a.release()
+}
+
+// halt freezes the agent as a crash would: no more requests, events or
+// engine steps (a process dies with its engines; here they must stop
+// before the devices crash or close, or they would act on the crash).
+func (a *Agent) halt() {
 	a.api.Close()
 	_ = a.nbd.Shutdown(context.Background())
 	a.closeListeners()
 	a.elog.Close()
 	a.stop()
+	a.waitStopped(a.runsNow())
+}
+
+// release closes the member files of a halted agent.
+func (a *Agent) release() {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, v := range a.sets {
@@ -166,27 +179,53 @@ func TestCreateWriteRemountClean(t *testing.T) {
 // TestPowerLossCrashes: ten power losses through the fault-injecting
 // device. Each restart runs a full merge; every write acknowledged before
 // a FLUSH is still readable; the members end identical.
-func TestPowerLossCrashes(t *testing.T) {
+func TestPowerLossCrashes(t *testing.T) { powerLossRounds(t, false) }
+
+// TestPowerLossCrashesWithWriteLogs: the same with write logs. Each
+// restart runs a controller minimerge of the logged extents only (the
+// writes stay in the first 4 MiB extent of the 16 MiB volume), except
+// where a merge was already underway: every fourth round crashes again
+// during the recovery merge, and the mount after that runs a full merge
+// (Table 8-1's mount row).
+func TestPowerLossCrashesWithWriteLogs(t *testing.T) { powerLossRounds(t, true) }
+
+func powerLossRounds(t *testing.T, writeLog bool) {
 	dir := shortDir(t)
 	m1, m2 := filepath.Join(dir, "m1"), filepath.Join(dir, "m2")
 	makeMember(t, m1)
 	makeMember(t, m2)
 	a := startAgent(t, dir, nil)
-	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}, WriteLog: writeLog}); err != nil {
 		t.Fatal(err)
 	}
 	waitIdle(t, a, "DSA1")
 	if err := a.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
 	}
+	span := testData // where the writes go
+	if writeLog {
+		span = 4 << 20
+	}
 	durable := make([]byte, testData) // what every flushed write left
 	copy(durable, dataOf(t, m1))
 	rng := rand.New(rand.NewPCG(42, 7))
+	crashAll := func(a *Agent, faulty func() map[string]*device.Faulty) {
+		a.halt()
+		for _, f := range faulty() {
+			if err := f.Crash(); err != nil {
+				t.Fatal(err)
+			}
+		}
+		a.release()
+	}
 	for round := range 10 {
 		open, faulty := faultyOpener(true)
 		a := startAgent(t, dir, open)
 		if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
 			t.Fatalf("round %d: %v", round, err)
+		}
+		if r, _ := a.Show("DSA1"); r.Sets[0].WriteLog != writeLog {
+			t.Fatalf("round %d: write log %v after remount, want %v", round, r.Sets[0].WriteLog, writeLog)
 		}
 		if round > 0 {
 			waitIdle(t, a, "DSA1") // the merge the crash required
@@ -198,12 +237,12 @@ func TestPowerLossCrashes(t *testing.T) {
 		}
 		var pending []write // unflushed, in order: later ones win
 		for range 40 + rng.IntN(40) {
-			off := int64(rng.IntN(testData/4096)) * 4096
+			off := int64(rng.IntN(span/4096)) * 4096
 			buf := make([]byte, 4096*(1+rng.IntN(4)))
 			for i := range buf {
 				buf[i] = byte(rng.UintN(256))
 			}
-			if off+int64(len(buf)) > testData {
+			if off+int64(len(buf)) > int64(span) {
 				continue
 			}
 			if err := v.WriteAt(buf, off, false); err != nil {
@@ -222,21 +261,50 @@ func TestPowerLossCrashes(t *testing.T) {
 		}
 		// Writes not yet flushed may or may not survive: remember both
 		// possibilities by taking whatever the merge keeps, below.
-		for _, f := range faulty() {
-			if err := f.Crash(); err != nil {
-				t.Fatal(err)
+		crashAll(a, faulty)
+		want := "full-merge"
+		if writeLog {
+			want = "controller-minimerge"
+			if round%4 == 3 {
+				// Crash again while the recovery merge runs (its reads
+				// slowed down), after it recorded itself underway.
+				open, faulty := faultyOpener(true)
+				a = startAgent(t, dir, open)
+				for _, f := range faulty() {
+					f.Inject(device.When(func(op device.Op, off, n int64) bool { return op == device.OpRead && off < testData }, nil, 20*time.Millisecond))
+				}
+				res, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}})
+				if err != nil {
+					t.Fatalf("round %d remount: %v", round, err)
+				}
+				if res.Merge != want {
+					t.Fatalf("round %d: the mount requires %q, want %q", round, res.Merge, want)
+				}
+				for !mergeRecorded(a) {
+					time.Sleep(time.Millisecond)
+				}
+				crashAll(a, faulty)
+				want = "full-merge"
 			}
 		}
-		a.kill()
 		a = startAgent(t, dir, nil)
 		res, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}})
 		if err != nil {
 			t.Fatalf("round %d remount: %v", round, err)
 		}
-		if res.Merge != "full-merge" {
-			t.Fatalf("round %d: after a power loss the mount requires %q, want a full merge", round, res.Merge)
+		if res.Merge != want {
+			t.Fatalf("round %d: after a power loss the mount requires %q, want %q", round, res.Merge, want)
 		}
 		waitIdle(t, a, "DSA1")
+		if writeLog && want == "controller-minimerge" {
+			// Only the logged extents: at most the one 4 MiB extent the
+			// writes went to (some rounds log nothing unflushed).
+			r, _ := a.Show("DSA1")
+			w := r.Sets[0].Completed[len(r.Sets[0].Completed)-1]
+			if w.Kind != want || w.BytesDone > int64(span) {
+				t.Fatalf("round %d: recovery %+v, want a %s of at most %d bytes", round, w, want, span)
+			}
+		}
 		if err := a.Shutdown(context.Background()); err != nil {
 			t.Fatal(err)
 		}
@@ -455,4 +523,11 @@ func TestAddMemberFullCopyShowsProgress(t *testing.T) {
 	if !bytes.Equal(d1, dataOf(t, m2)) || !bytes.Equal(d1, dataOf(t, m3)) {
 		t.Fatal("members differ after the copy under load")
 	}
+}
+
+func mergeRecorded(a *Agent) bool {
+	vol := a.sets["DSA1"]
+	vol.mdMu.Lock()
+	defer vol.mdMu.Unlock()
+	return vol.md.MergeUnderway
 }

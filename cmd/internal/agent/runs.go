@@ -35,6 +35,9 @@ func (a *Agent) startRun(act shadowset.Action) {
 	work, whole := a.opBitmap(vol, act)
 	var f mergeFence
 	if act.OpKind.IsMerge() {
+		if vol.startedMerge == "" {
+			vol.startedMerge = act.OpKind.String()
+		}
 		if whole {
 			f = &fence{}
 		} else {
@@ -208,6 +211,9 @@ func (a *Agent) runMerge(ctx context.Context, vol *volume, act shadowset.Action,
 			others = append(others, dev(m.Path))
 		}
 	}
+	if err := a.mergeUnderway(vol, true); err != nil {
+		return fmt.Errorf("record the merge underway: %w", err)
+	}
 	vol.vu.SetMerge(f, master)
 	_, err := merge.Run(ctx, merge.Job{Master: dev(master), Others: others,
 		Plan: a.plan(ctx, vol, act, work, func(lbn uint64) { f.advance(int64(lbn) * meta.LBNSize) })})
@@ -264,6 +270,11 @@ func (a *Agent) finished(act shadowset.Action) {
 	a.mu.Unlock()
 	if vol == nil {
 		return
+	}
+	if act.OpKind.IsMerge() {
+		if err := a.mergeUnderway(vol, false); err != nil {
+			a.log.Error().Str("vu", act.Set).Err(err).Msg("cannot record the completed merge")
+		}
 	}
 	if act.OpKind.IsCopy() {
 		if err := vol.vu.SetRole(act.Target, vu.Full); err != nil {

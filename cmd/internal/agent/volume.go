@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -40,6 +41,10 @@ type volume struct {
 	// mergeFence says what the running merge on this host still owes
 	// (nil when no merge runs here).
 	mergeFence mergeFence
+
+	// startedMerge is the kind of the first merge started on the set
+	// (guarded by Agent.mu): what its mount required.
+	startedMerge string
 
 	// bm holds the set's write bitmaps; writeLog: the set keeps write logs
 	// on its members (controller minimerge) instead of HBMM.
@@ -373,7 +378,25 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
 	}
-	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{}, bm: bms,
+	// Write logs: asked for, or recorded by the set's last mount.
+	writeLog := args.WriteLog || md.WriteLog.Length != 0
+	logs := logState{}
+	if writeLog {
+		if logs.logged, err = bitmap.New(chunk); err != nil {
+			return nil, err
+		}
+		for i, p := range probes {
+			ld, err := attachLog(p.dev, size, wasDirty && roles[i].full, &logs)
+			if err != nil {
+				return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+			}
+			p.dev = ld
+		}
+		region, _ := logRegion(probes[0].dev)
+		md.WriteLog = meta.WriteLog{Offset: uint64(region.Offset), Length: uint64(region.Length)}
+		bms.logged = logs.logged
+	}
+	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{}, bm: bms, writeLog: writeLog,
 		stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{})}
 	var specs []vu.MemberSpec
 	for i, p := range probes {
@@ -402,9 +425,24 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 	// Tell the core, through the log: the set as the metadata recorded
 	// it (dirty: a merge is owed; a copy target mid-copy: its copy), then
 	// the mount, then the members that need a fresh copy.
-	spec := &shadowset.SetSpec{Name: args.Set, Dirty: wasDirty}
+	spec := &shadowset.SetSpec{Name: args.Set, Dirty: wasDirty, Controller: writeLog}
 	var ops []*shadowset.OpSpec
 	var adds []string
+	if wasDirty && writeLog {
+		// The logs decide the merge, except where a merge was already
+		// underway (Table 8-1's mount row makes it a full merge) or a log
+		// could not be read (only a full merge is safe).
+		switch {
+		case md.MergeUnderway:
+			spec.Dirty = false
+			ops = append(ops, &shadowset.OpSpec{Set: args.Set, Kind: shadowset.ControllerMinimerge})
+			res.Warnings = append(res.Warnings, "a merge was underway when the set went down: full merge")
+		case len(logs.lost) > 0:
+			spec.Dirty = false
+			ops = append(ops, &shadowset.OpSpec{Set: args.Set, Kind: shadowset.FullMerge})
+			res.Warnings = append(res.Warnings, "write log unusable, full merge: "+strings.Join(logs.lost, "; "))
+		}
+	}
 	for i, p := range probes {
 		switch {
 		case roles[i].full:
@@ -434,6 +472,16 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 	}
 	for i, ev := range evs {
 		err := a.elog.Append(ev)
+		if err == nil && ev.Kind == shadowset.EvMount {
+			// The mount row may change the merge (a controller minimerge
+			// underway becomes a full merge): the merge the core started
+			// on the mount is the one required.
+			a.mu.Lock()
+			if vol.startedMerge != "" {
+				res.Merge = vol.startedMerge
+			}
+			a.mu.Unlock()
+		}
 		if err == nil && i == 0 {
 			// The set is not mounted yet, so nothing runs: the view shows
 			// the merge its metadata requires.
@@ -504,6 +552,14 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	p, err := a.openProbe(path, args.Direct, args.Overwrite)
 	if err != nil {
 		return nil, err
+	}
+	if vol.writeLog && p.data >= vol.size {
+		ld, err := attachLog(p.dev, vol.size, false, nil)
+		if err != nil {
+			p.dev.Close()
+			return nil, err
+		}
+		p.dev = ld
 	}
 	ok := false
 	defer func() {
@@ -723,6 +779,7 @@ func (vol *volume) cleaner(a *Agent) {
 				a.log.Warn().Str("vu", vol.name).Err(err).Msg("could not mark the set clean")
 			}
 			a.maybeReset(vol)
+			a.sweepLogs(vol)
 		}
 	}
 }

@@ -1,0 +1,189 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/shadow-project/shadow/bitmap"
+	"github.com/shadow-project/shadow/bitmap/wlog"
+	"github.com/shadow-project/shadow/cmd/internal/device"
+	"github.com/shadow-project/shadow/cmd/internal/meta"
+)
+
+// Write logs (controller minimerge) keep, on each member, the extents
+// with writes that may not be on every member: a bit is durable in the
+// member's log before any data write to that member, and cleared only
+// after a flush that covers the extent's last write and an idle period
+// (bitmap/wlog does the bookkeeping). After a crash the logs say what a
+// controller minimerge must merge; they survive the agent, unlike HBMM
+// bitmaps.
+
+// loggedDevice puts a member's writes through its write log. Metadata
+// writes (at or beyond the volume size) pass straight through.
+type loggedDevice struct {
+	device.Device
+	log  *wlog.Log
+	size int64 // the volume's data size: the log covers [0, size)
+}
+
+func (d *loggedDevice) logged(off, n int64) bool { return off < d.size && n > 0 }
+
+func (d *loggedDevice) WriteAt(p []byte, off int64) (int, error) {
+	n := int64(len(p))
+	if !d.logged(off, n) {
+		return d.Device.WriteAt(p, off)
+	}
+	n = min(n, d.size-off)
+	if err := d.log.Acquire(context.Background(), off, n); err != nil {
+		return 0, fmt.Errorf("write log of %s: %w", d.Path(), err)
+	}
+	defer d.log.Release(off, n)
+	return d.Device.WriteAt(p, off)
+}
+
+func (d *loggedDevice) Zero(off, length int64) error {
+	if !d.logged(off, length) {
+		return d.Device.Zero(off, length)
+	}
+	n := min(length, d.size-off)
+	if err := d.log.Acquire(context.Background(), off, n); err != nil {
+		return fmt.Errorf("write log of %s: %w", d.Path(), err)
+	}
+	defer d.log.Release(off, n)
+	return d.Device.Zero(off, length)
+}
+
+func (d *loggedDevice) Flush() error {
+	seq := d.log.FlushBegin()
+	err := d.Device.Flush()
+	d.log.FlushDone(seq, err == nil)
+	return err
+}
+
+func (d *loggedDevice) Close() error {
+	return errors.Join(d.log.Close(), d.Device.Close())
+}
+
+// logRegion is where a member's write log lies.
+func logRegion(dev device.Device) (wlog.Region, error) {
+	_, area, err := meta.Layout(dev.Size())
+	if err != nil {
+		return wlog.Region{}, err
+	}
+	return wlog.Region{Offset: area.LogOffset, Length: area.LogLength}, nil
+}
+
+// logState is what mount learned from the members' logs.
+type logState struct {
+	// logged is the union of the full members' logged extents, in the
+	// set's chunks; lost says some full member's log was unreadable,
+	// torn or missing, so only a full merge is safe.
+	logged *bitmap.Bitmap
+	lost   []string
+}
+
+// attachLog wraps a member in its write log. recover: the set was found
+// dirty and the member is a full member: its log is read (and what it
+// holds stays pinned until the merge is done); otherwise it is formatted
+// empty. A log that cannot be read costs a full merge, never a refusal.
+func attachLog(dev device.Device, size int64, recover bool, st *logState) (*loggedDevice, error) {
+	sw, ok := dev.(interface {
+		SyncWriteAt(p []byte, off int64) (int, error)
+	})
+	if !ok {
+		return nil, fmt.Errorf("%s cannot keep a write log (no range-limited synchronous write)", dev.Path())
+	}
+	region, err := logRegion(dev)
+	if err != nil {
+		return nil, err
+	}
+	ldev := logDevice{Device: dev, sw: sw}
+	if recover {
+		l, got, err := wlog.Open(ldev, region, size)
+		if err == nil {
+			for off, n := range got.Ranges() {
+				st.logged.AddRange(off, n)
+			}
+			return &loggedDevice{Device: dev, log: l, size: size}, nil
+		}
+		st.lost = append(st.lost, fmt.Sprintf("%s: %v", dev.Path(), err))
+		// Every extent pinned until the full merge is done.
+		l, err = wlog.FormatDirty(ldev, region, size, 0)
+		if err != nil {
+			return nil, fmt.Errorf("format the write log of %s: %w", dev.Path(), err)
+		}
+		return &loggedDevice{Device: dev, log: l, size: size}, nil
+	}
+	l, err := wlog.Format(ldev, region, size, 0)
+	if err != nil {
+		return nil, fmt.Errorf("format the write log of %s: %w", dev.Path(), err)
+	}
+	return &loggedDevice{Device: dev, log: l, size: size}, nil
+}
+
+// logDevice is what wlog needs of a member.
+type logDevice struct {
+	device.Device
+	sw interface {
+		SyncWriteAt(p []byte, off int64) (int, error)
+	}
+}
+
+func (d logDevice) SyncWriteAt(p []byte, off int64) (int, error) { return d.sw.SyncWriteAt(p, off) }
+
+// memberLogs returns the write logs of the set's members.
+func (vol *volume) memberLogs() []*wlog.Log {
+	vol.mdMu.Lock()
+	defer vol.mdMu.Unlock()
+	var out []*wlog.Log
+	for _, m := range vol.members {
+		if ld, ok := m.dev.(*loggedDevice); ok {
+			out = append(out, ld.log)
+		}
+	}
+	return out
+}
+
+// sweepLogs clears the logs' idle, flushed extents.
+func (a *Agent) sweepLogs(vol *volume) {
+	now := time.Now()
+	for _, l := range vol.memberLogs() {
+		if err := l.Sweep(now, a.cfg.CleanAfter); err != nil && !errors.Is(err, wlog.ErrClosed) {
+			a.log.Warn().Str("vu", vol.name).Err(err).Msg("write log sweep failed")
+		}
+	}
+}
+
+// mergeUnderway records durably, on every member, that a merge runs on a
+// set with write logs (a crash then turns it into a full merge, per Table
+// 8-1's mount row), or that it is done: then the logs' recovered extents
+// are released.
+func (a *Agent) mergeUnderway(vol *volume, on bool) error {
+	if !vol.writeLog {
+		return nil
+	}
+	vol.mdMu.Lock()
+	changed := vol.md.MergeUnderway != on
+	vol.md.MergeUnderway = on
+	vol.mdMu.Unlock()
+	if !on {
+		var once sync.Once
+		for _, l := range vol.memberLogs() {
+			if err := l.Unpin(0, vol.size); err != nil {
+				once.Do(func() {
+					a.log.Warn().Str("vu", vol.name).Err(err).Msg("could not release the write logs' recovered extents")
+				})
+			}
+		}
+		vol.bm.mu.Lock()
+		vol.bm.logged = nil
+		vol.bm.mu.Unlock()
+	}
+	if !changed {
+		return nil
+	}
+	return vol.writeAll()
+}
