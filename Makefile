@@ -42,6 +42,11 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test ./shadowset -run '^$$' -fuzz '^FuzzStep$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./shadowset -run '^$$' -fuzz '^FuzzRestore$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./shadowset/replay -run '^$$' -fuzz '^FuzzParseLine$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./bitmap -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./cmd/internal/meta -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./cmd/internal/nbd -run '^$$' -fuzz '^FuzzRequests$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./cmd/internal/nbd -run '^$$' -fuzz '^FuzzNegotiation$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./cmd/internal/agent -run '^$$' -fuzz '^FuzzParseHBMMPolicy$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 
 bench: tools ## side-by-side comparison with the peers (fio; 5 alternating runs, medians); table in bench.out
 	SHADOW_BENCH=1 SHADOW_BENCH_OUT=$(CURDIR)/bench.out $(GO) test ./cmd/shadow -run '^TestPerformance(Comparison|Bitmaps)$$' -count=1 -v -timeout 60m

@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -101,12 +102,19 @@ type PolicyRef struct {
 	Name   string
 }
 
+// punctSpace matches spaces around the policy syntax's punctuation, which
+// are ignored; spaces elsewhere are an error.
+var punctSpace = regexp.MustCompile(`\s*([(),=])\s*`)
+
 // ParseHBMMPolicy reads `hbmm=(master_list=(a,b),count=2,reset_threshold=N)`
 // (several master_list=(…) each followed by its own count=, in any case,
-// spaces ignored) or `hbmm=NAME`.
+// spaces around punctuation ignored) or `hbmm=NAME`.
 func ParseHBMMPolicy(s string) (PolicyRef, error) {
 	src := s
-	s = strings.Join(strings.Fields(s), "")
+	s = strings.TrimSpace(punctSpace.ReplaceAllString(s, "$1"))
+	if strings.ContainsFunc(s, unicode.IsSpace) {
+		return PolicyRef{}, fmt.Errorf("%w: %q: a space inside a name or number", ErrPolicy, src)
+	}
 	rest, ok := cutPrefixFold(s, "hbmm=")
 	if !ok {
 		return PolicyRef{}, fmt.Errorf("%w: %q: want hbmm=(master_list=(...),count=N,reset_threshold=N) or hbmm=NAME", ErrPolicy, src)
