@@ -5,12 +5,15 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/cmd/internal/device"
+	"github.com/shadow-project/shadow/cmd/internal/meta"
 )
 
 // twoMemberSet mounts DSA1 on two fresh members and waits for its copy.
@@ -318,5 +321,48 @@ func TestPolicyVerbs(t *testing.T) {
 	}
 	if r, _ := a.Show("DSA1"); !r.Sets[0].HBMM.Enabled || len(r.Sets[0].HBMM.ActiveOn) != 0 {
 		t.Fatalf("foreign master list: %+v", r.Sets[0].HBMM)
+	}
+}
+
+// A torn or unreadable write log costs a full merge, never a refusal.
+func TestTornWriteLogCostsAFullMerge(t *testing.T) {
+	dir := shortDir(t)
+	m1, m2 := filepath.Join(dir, "m1"), filepath.Join(dir, "m2")
+	makeMember(t, m1)
+	makeMember(t, m2)
+	a := startAgent(t, dir, nil)
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}, WriteLog: true}); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, a, "DSA1")
+	if err := a.sets["DSA1"].vu.WriteAt([]byte("logged"), 8192, false); err != nil {
+		t.Fatal(err)
+	}
+	a.kill()
+	// Tear the first bitmap block of m2's log.
+	_, area, err := meta.Layout(testData + meta.ReservedSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.OpenFile(m2, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0xa5}, 512), area.LogOffset+4096+100); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	a = startAgent(t, dir, nil)
+	defer a.Shutdown(context.Background())
+	res, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}})
+	if err != nil {
+		t.Fatalf("mount with a torn log: %v", err)
+	}
+	if res.Merge != "full-merge" || !slices.ContainsFunc(res.Warnings, func(w string) bool { return strings.Contains(w, "write log unusable") }) {
+		t.Fatalf("mount with a torn log: %+v, want a full merge with a warning", res)
+	}
+	waitIdle(t, a, "DSA1")
+	if !bytes.Equal(dataOf(t, m1), dataOf(t, m2)) {
+		t.Fatal("members differ after the full merge")
 	}
 }
