@@ -191,7 +191,8 @@ func mountCommand() *cli.Command {
 			&cli.BoolFlag{Name: "include", Usage: "also mount the members the set's metadata lists"},
 			&cli.BoolFlag{Name: "confirm", Usage: "allow a full copy onto a member that holds data"},
 			&cli.BoolFlag{Name: "overwrite", Usage: "take a member of another set, one written outside the set, or one with corrupt metadata"},
-			&cli.BoolFlag{Name: "direct", Usage: "open the members with O_DIRECT"},
+			&cli.BoolFlag{Name: "direct", Usage: "open every member with O_DIRECT"},
+			&cli.StringSliceFlag{Name: "direct-member", Usage: "open this member (also given with --member) with O_DIRECT (repeatable)"},
 			&cli.StringFlag{Name: "policy", Usage: "minicopy: a returning member must come back by minicopy (else fail); minicopy=optional: by minicopy if possible"},
 			&cli.StringFlag{Name: "chunk-size", Usage: "write bitmap chunk of a set mounted here first (4KiB to 64MiB, power of two; default 64KiB)"},
 			&cli.BoolFlag{Name: "write-log", Usage: "keep write logs on the members (controller minimerge after a crash) instead of HBMM"},
@@ -215,8 +216,15 @@ func mountCommand() *cli.Command {
 			if _, err := agent.ParseMinicopyPolicy(cc.String("policy")); err != nil {
 				return cli.Exit("mount: --policy: "+err.Error(), 2)
 			}
+			members := absAll(cc.StringSlice("member"))
+			direct := absAll(cc.StringSlice("direct-member"))
+			for _, d := range direct {
+				if !slices.Contains(members, d) {
+					return cli.Exit("mount: --direct-member "+d+" is not among the --member paths", 2)
+				}
+			}
 			var res agent.MountResult
-			err := client(cc).Call("mount", agent.MountArgs{Set: cc.Args().First(), Members: absAll(cc.StringSlice("member")),
+			err := client(cc).Call("mount", agent.MountArgs{Set: cc.Args().First(), Members: members, DirectMembers: direct,
 				Include: cc.Bool("include"), Confirm: cc.Bool("confirm"), Overwrite: cc.Bool("overwrite"), Direct: cc.Bool("direct"),
 				Policy: cc.String("policy"), ChunkSize: chunk, WriteLog: cc.Bool("write-log")}, &res)
 			if err != nil {

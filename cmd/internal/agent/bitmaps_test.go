@@ -366,3 +366,31 @@ func TestTornWriteLogCostsAFullMerge(t *testing.T) {
 		t.Fatal("members differ after the full merge")
 	}
 }
+
+// Direct I/O is a per-member option.
+func TestDirectIsPerMember(t *testing.T) {
+	dir := shortDir(t)
+	m1, m2 := filepath.Join(dir, "m1"), filepath.Join(dir, "m2")
+	makeMember(t, m1)
+	makeMember(t, m2)
+	got := map[string]bool{}
+	open := func(p string, o device.Options) (device.Device, error) {
+		got[p] = o.Direct
+		return device.Open(p, o)
+	}
+	a := startAgent(t, dir, open)
+	defer a.Shutdown(context.Background())
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}, DirectMembers: []string{m2}}); err != nil {
+		t.Fatal(err)
+	}
+	if got[m1] || !got[m2] {
+		t.Fatalf("O_DIRECT by member: %v, want only %s", got, m2)
+	}
+	waitIdle(t, a, "DSA1")
+	if err := a.sets["DSA1"].vu.WriteAt([]byte("unaligned write"), 4099, true); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(dataOf(t, m1), dataOf(t, m2)) {
+		t.Fatal("members differ")
+	}
+}

@@ -118,6 +118,8 @@ type MountArgs struct {
 	// corrupt.
 	Overwrite bool `json:"overwrite,omitempty"`
 	Direct    bool `json:"direct,omitempty"`
+	// DirectMembers are members opened with O_DIRECT (Direct: all).
+	DirectMembers []string `json:"direct_members,omitempty"`
 	// WriteLog keeps write logs on the members (controller minimerge);
 	// a set mounted before keeps what its metadata says.
 	WriteLog bool `json:"write_log,omitempty"`
@@ -127,6 +129,9 @@ type MountArgs struct {
 	// ChunkSize is the write bitmaps' chunk (a new mount; default 64 KiB).
 	ChunkSize int64 `json:"chunk_size,omitempty"`
 }
+
+// direct says whether a member is opened with O_DIRECT.
+func (m MountArgs) direct(path string) bool { return m.Direct || slices.Contains(m.DirectMembers, path) }
 
 // MountResult answers the mount verb.
 type MountResult struct {
@@ -235,7 +240,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		if slices.ContainsFunc(probes, func(p *probe) bool { return p.path == path }) {
 			return nil, fmt.Errorf("mount %s: %s named twice", args.Set, path)
 		}
-		p, err := a.openProbe(path, args.Direct, args.Overwrite)
+		p, err := a.openProbe(path, args.direct(path), args.Overwrite)
 		if err != nil {
 			return nil, fmt.Errorf("mount %s: %w", args.Set, err)
 		}
@@ -268,7 +273,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 				res.Warnings = append(res.Warnings, fmt.Sprintf("%s: member %s listed in the metadata is not present", m.PathHint, m.UUID))
 				continue
 			}
-			p, err := a.openProbe(m.PathHint, args.Direct, false)
+			p, err := a.openProbe(m.PathHint, args.direct(m.PathHint), false)
 			if err != nil {
 				return nil, fmt.Errorf("mount %s --include: %w", args.Set, err)
 			}
@@ -549,7 +554,7 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	// An expelled member's device is kept open until dismount (requests
 	// in flight may still hold it); coming back, it is opened afresh.
 	vol.closeRetired(path)
-	p, err := a.openProbe(path, args.Direct, args.Overwrite)
+	p, err := a.openProbe(path, args.direct(path), args.Overwrite)
 	if err != nil {
 		return nil, err
 	}
