@@ -127,12 +127,5 @@ func TestPerformanceBitmaps(t *testing.T) {
 	fmt.Fprintf(&b, "| copy time (ms): minicopy of 1%% / full copy | %.0f | %.0f | %.1f%% |\n", median(minicopy), median(fullcopy), 100*median(minicopy)/median(fullcopy))
 	t.Logf("samples: hbmm on %v off %v; logs on %v off %v; minimerge %v full %v; minicopy %v full %v", on, off, logged, plain, mini, full, minicopy, fullcopy)
 	fmt.Println(b.String())
-	if p := os.Getenv("SHADOW_BENCH_OUT"); p != "" {
-		f, err := os.OpenFile(p, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer f.Close()
-		fmt.Fprintf(f, "\n%s", b.String())
-	}
+	appendBenchOut(t, b.String())
 }

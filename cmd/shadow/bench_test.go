@@ -223,9 +223,23 @@ func TestPerformanceComparison(t *testing.T) {
 		return strings.Join(s, "; ")
 	}())
 	fmt.Println(b.String())
-	if p := os.Getenv("SHADOW_BENCH_OUT"); p != "" {
-		if err := os.WriteFile(p, []byte(b.String()), 0o644); err != nil {
-			t.Fatal(err)
-		}
+	appendBenchOut(t, b.String())
+}
+
+// appendBenchOut adds a table to SHADOW_BENCH_OUT (make bench empties it
+// first).
+func appendBenchOut(t *testing.T, table string) {
+	t.Helper()
+	p := os.Getenv("SHADOW_BENCH_OUT")
+	if p == "" {
+		return
+	}
+	f, err := os.OpenFile(p, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := fmt.Fprintf(f, "%s\n", table); err != nil {
+		t.Fatal(err)
 	}
 }
