@@ -131,7 +131,9 @@ type MountArgs struct {
 }
 
 // direct says whether a member is opened with O_DIRECT.
-func (m MountArgs) direct(path string) bool { return m.Direct || slices.Contains(m.DirectMembers, path) }
+func (m MountArgs) direct(path string) bool {
+	return m.Direct || slices.Contains(m.DirectMembers, path)
+}
 
 // MountResult answers the mount verb.
 type MountResult struct {
