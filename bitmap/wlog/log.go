@@ -288,7 +288,9 @@ func (l *Log) acquireSlow(ctx context.Context, first, end uint64) error {
 			starts = l.needNext(b, starts)
 			w = b.next
 		}
-		_ = w
+		if !containsBatch(waits, w) {
+			waits = append(waits, w)
+		}
 	}
 	for _, b := range starts {
 		l.begin(b)

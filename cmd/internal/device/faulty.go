@@ -16,6 +16,9 @@ const (
 	OpWrite
 	OpFlush
 	OpZero
+	// OpSyncWrite is SyncWriteAt, kept apart from OpWrite so that a rule
+	// can fail a write log's range-limited synchronous writes alone.
+	OpSyncWrite
 )
 
 func (o Op) String() string {
@@ -28,6 +31,8 @@ func (o Op) String() string {
 		return "flush"
 	case OpZero:
 		return "zero"
+	case OpSyncWrite:
+		return "sync-write"
 	}
 	return fmt.Sprintf("op(%d)", uint8(o))
 }
@@ -54,8 +59,9 @@ func When(pred func(op Op, off, length int64) bool, err error, delay time.Durati
 // Faulty wraps a Device for tests, after the model of pebble's
 // vfs/errorfs: rules inject errors and delays into chosen operations, and
 // a power-loss mode records every write and zero not yet covered by a
-// successful Flush so that Crash can undo them, leaving the device as it
-// would be after the machine lost power.
+// successful Flush (or by a later SyncWriteAt of the same range) so that
+// Crash can undo them, leaving the device as it would be after the
+// machine lost power.
 //
 // It keeps the Device contract: an error from a write, zero or flush,
 // injected or not, fails the Faulty for good (later calls return it).

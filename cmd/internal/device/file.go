@@ -48,6 +48,10 @@ type osDevice struct {
 	// locks the stripes of its head and tail sectors only.
 	rmw [rmwStripes]sync.Mutex
 
+	// noDSync is set once pwritev2 has refused RWF_DSYNC here, so that
+	// SyncWriteAt goes straight to its fallback.
+	noDSync atomic.Bool
+
 	closed atomic.Bool
 	failed atomic.Pointer[failedError]
 }
