@@ -394,3 +394,33 @@ func TestDirectIsPerMember(t *testing.T) {
 		t.Fatal("members differ")
 	}
 }
+
+// A minimerge's read consistency covers exactly its bitmap's chunks that
+// the merge has not reached.
+func TestBitmapFencePending(t *testing.T) {
+	bm, _ := bitmap.New(64 << 10)
+	bm.Add(3)
+	bm.Add(10)
+	f := &bitmapFence{bm: bm}
+	cases := []struct {
+		off, n int64
+		want   bool
+	}{
+		{0, 4096, false},           // chunk 0: not in the bitmap
+		{3 << 16, 4096, true},      // chunk 3
+		{3<<16 - 512, 1024, true},  // crosses into chunk 3
+		{4 << 16, 6 << 16, false},  // chunks 4–9
+		{9 << 16, 2 << 16, true},   // chunks 9–10
+		{11 << 16, 1 << 20, false}, // beyond
+		{3 << 16, 0, false},        // empty
+	}
+	for _, c := range cases {
+		if got := f.Pending(c.off, c.n); got != c.want {
+			t.Errorf("Pending(%d, %d) = %v before the merge, want %v", c.off, c.n, got, c.want)
+		}
+	}
+	f.advance(4 << 16) // chunk 3 merged
+	if f.Pending(3<<16, 4096) || !f.Pending(10<<16, 4096) {
+		t.Error("after the fence passed chunk 3: chunk 3 must be settled, chunk 10 still owed")
+	}
+}
