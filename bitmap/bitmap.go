@@ -103,6 +103,24 @@ func (b *Bitmap) ContainsRange(off, length int64) bool {
 	return containsChunks(b.rb, first, last)
 }
 
+// Intersects reports whether any chunk overlapping the byte range
+// [off, off+length) is in the bitmap: whether a read there must wait for
+// a merge of this bitmap. An empty or negative range intersects nothing.
+func (b *Bitmap) Intersects(off, length int64) bool {
+	first, last, ok := chunkRange(b.shift, off, length)
+	if !ok {
+		return false
+	}
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	// Rank(x) counts the members <= x.
+	before := uint64(0)
+	if first > 0 {
+		before = b.rb.Rank(first - 1)
+	}
+	return b.rb.Rank(last) > before
+}
+
 // rankThreshold is the span above which containsChunks counts with Rank
 // instead of probing each chunk: Rank walks the containers before the range
 // (a few hundred on a 1 TiB volume), which beats that many probes only for

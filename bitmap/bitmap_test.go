@@ -342,3 +342,28 @@ func TestBitmapConcurrent(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+func TestIntersects(t *testing.T) {
+	b := mustNew(t, 64<<10)
+	b.Add(0)
+	b.Add(3)
+	b.Add(1 << 40) // far away: Rank across containers
+	cases := []struct {
+		off, n int64
+		want   bool
+	}{
+		{0, 1, true},
+		{64 << 10, 64 << 10, false},        // chunk 1
+		{64 << 10, 3 << 16, true},          // chunks 1–3
+		{3<<16 - 1, 2, true},               // crosses into chunk 3
+		{4 << 16, 1 << 30, false},          // chunks 4 and up, before 2^40
+		{(1<<40 - 1) << 16, 2 << 16, true}, // around chunk 2^40
+		{3 << 16, 0, false},                // empty
+		{-1, 10, false},                    // negative
+	}
+	for _, c := range cases {
+		if got := b.Intersects(c.off, c.n); got != c.want {
+			t.Errorf("Intersects(%d, %d) = %v, want %v", c.off, c.n, got, c.want)
+		}
+	}
+}

@@ -501,6 +501,11 @@ func TestE2EBadCLIArguments(t *testing.T) {
 		{[]string{"set", "DSA1"}, "exactly one of"},
 		{[]string{"set", "DSA1", "--priority", "5", "--demand-merge"}, "exactly one of"},
 		{[]string{"show", "DSA4"}, "not mounted"},
+		{[]string{"set", "DSA1", "--enable", "hbmm", "--demand-merge"}, "cannot be mixed"},
+		{[]string{"set", "--policy", "hbmm=(master_list=(a))"}, "--name"},
+		{[]string{"set", "DSA1", "--policy", "hbmm=(count=2)"}, "master_list"},
+		{[]string{"dismount", "DSA1", "--policy", "minicopy"}, "give --member"},
+		{[]string{"mount", "DSA1", "--member", m, "--direct-member", "/elsewhere"}, "not among the --member"},
 	}
 	for _, c := range cases {
 		out, err := h.cli(c.args...)

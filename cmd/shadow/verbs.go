@@ -37,6 +37,14 @@ func client(cc *cli.Context) *agent.Client {
 	return &agent.Client{Path: cc.String("socket")}
 }
 
+// call sends one verb to the agent; a refusal exits 1 with the verb named.
+func call(cc *cli.Context, verb string, args, out any) error {
+	if err := client(cc).Call(verb, args, out); err != nil {
+		return cli.Exit(cc.Command.Name+": "+err.Error(), 1)
+	}
+	return nil
+}
+
 func newLogger(w io.Writer, level string) (zerolog.Logger, error) {
 	lvl, err := zerolog.ParseLevel(level)
 	if err != nil {
@@ -286,10 +294,7 @@ func dismountCommand() *cli.Command {
 			if m := cc.String("member"); m != "" {
 				args.Member = absAll([]string{m})[0]
 			}
-			if err := client(cc).Call("dismount", args, nil); err != nil {
-				return cli.Exit("dismount: "+err.Error(), 1)
-			}
-			return nil
+			return call(cc, "dismount", args, nil)
 		},
 	}
 }
@@ -314,69 +319,24 @@ func setCommand() *cli.Command {
 			&cli.StringFlag{Name: "disable", Usage: "hbmm: stop HBMM on the set (its bitmaps go)"},
 		},
 		Action: func(cc *cli.Context) error {
-			if cc.IsSet("policy") || cc.IsSet("name") || cc.IsSet("delete") || cc.IsSet("enable") || cc.IsSet("disable") {
-				return setPolicy(cc)
-			}
-			if cc.NArg() != 1 {
-				return cli.Exit("set: give one set name (DSAn)", 2)
-			}
 			args := agent.SetArgs{Set: cc.Args().First(), DemandMerge: cc.Bool("demand-merge"),
-				Member: cc.String("member"), CopySource: cc.String("copy-source"), ForceRemoval: cc.String("force-removal")}
-			n := 0
-			if args.DemandMerge {
-				n++
-			}
+				Member: cc.String("member"), CopySource: cc.String("copy-source"), ForceRemoval: cc.String("force-removal"),
+				Policy: cc.String("policy"), Name: cc.String("name"), Delete: cc.Bool("delete"),
+				Enable: cc.String("enable"), Disable: cc.String("disable")}
 			if cc.IsSet("priority") {
 				p := cc.Int("priority")
 				args.Priority = &p
-				n++
 			}
 			if cc.IsSet("read-cost") {
 				r := cc.Int("read-cost")
 				args.ReadCost = &r
-				n++
 			}
-			if args.CopySource != "" {
-				n++
+			if err := args.Check(cc.NArg()); err != nil {
+				return cli.Exit("set: "+err.Error(), 2)
 			}
-			if args.ForceRemoval != "" {
-				n++
-			}
-			if n != 1 {
-				return cli.Exit("set: give exactly one of --demand-merge, --priority, --read-cost, --copy-source, --force-removal", 2)
-			}
-			if err := client(cc).Call("set", args, nil); err != nil {
-				return cli.Exit("set: "+err.Error(), 1)
-			}
-			return nil
+			return call(cc, "set", args, nil)
 		},
 	}
-}
-
-// setPolicy is set's HBMM qualifiers, which cannot mix with the others.
-func setPolicy(cc *cli.Context) error {
-	for _, f := range []string{"demand-merge", "priority", "read-cost", "copy-source", "force-removal"} {
-		if cc.IsSet(f) {
-			return cli.Exit("set: --"+f+" cannot be mixed with HBMM qualifiers (--policy, --name, --delete, --enable, --disable)", 2)
-		}
-	}
-	if cc.NArg() > 1 {
-		return cli.Exit("set: give at most one set name (DSAn)", 2)
-	}
-	args := agent.SetArgs{Set: cc.Args().First(), Policy: cc.String("policy"), Name: cc.String("name"),
-		Delete: cc.Bool("delete"), Enable: cc.String("enable"), Disable: cc.String("disable")}
-	if args.Policy != "" {
-		if _, err := agent.ParseHBMMPolicy(args.Policy); err != nil {
-			return cli.Exit("set: --policy: "+err.Error(), 2)
-		}
-	}
-	if args.Set == "" && args.Name == "" {
-		return cli.Exit("set: give a set name (DSAn), or --name to define a named policy", 2)
-	}
-	if err := client(cc).Call("set", args, nil); err != nil {
-		return cli.Exit("set: "+err.Error(), 1)
-	}
-	return nil
 }
 
 func showCommand() *cli.Command {
@@ -398,8 +358,8 @@ func showCommand() *cli.Command {
 					return cli.Exit("show: --policy: only hbmm", 2)
 				}
 				var ps []agent.PolicyShow
-				if err := client(cc).Call("policies", struct{}{}, &ps); err != nil {
-					return cli.Exit("show: "+err.Error(), 1)
+				if err := call(cc, "policies", struct{}{}, &ps); err != nil {
+					return err
 				}
 				if cc.Bool("json") {
 					return json.NewEncoder(cc.App.Writer).Encode(ps)
@@ -410,8 +370,8 @@ func showCommand() *cli.Command {
 			args := agent.ShowArgs{Set: cc.Args().First()}
 			for {
 				var r agent.ShowReport
-				if err := client(cc).Call("show", args, &r); err != nil {
-					return cli.Exit("show: "+err.Error(), 1)
+				if err := call(cc, "show", args, &r); err != nil {
+					return err
 				}
 				if cc.Bool("json") {
 					if err := json.NewEncoder(cc.App.Writer).Encode(r); err != nil {

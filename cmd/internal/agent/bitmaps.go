@@ -202,13 +202,7 @@ type bitmapFence struct {
 
 // Pending implements vu.MergeWork.
 func (f *bitmapFence) Pending(off, n int64) bool {
-	if n <= 0 || off+n <= f.at.Load() {
-		return false
-	}
-	cs := f.bm.ChunkSize()
-	first, last := uint64(off/cs), uint64((off+n-1)/cs)
-	next, ok := f.bm.NextFrom(first)
-	return ok && next <= last
+	return off+n > f.at.Load() && f.bm.Intersects(off, n)
 }
 
 // nextChunk makes a walk's Next over a bitmap.
@@ -406,19 +400,17 @@ func (a *Agent) policyVerb(args SetArgs) error {
 			h.enabled = false
 		}
 	}
-	switch strings.ToLower(args.Enable) {
-	case "":
-	case "hbmm":
-		h.enabled = true
-	default:
-		return fmt.Errorf("%w: --enable %q: only hbmm", ErrPolicy, args.Enable)
-	}
-	switch strings.ToLower(args.Disable) {
-	case "":
-	case "hbmm":
-		h.enabled = false
-	default:
-		return fmt.Errorf("%w: --disable %q: only hbmm", ErrPolicy, args.Disable)
+	for _, q := range []struct {
+		flag, value string
+		enabled     bool
+	}{{"enable", args.Enable, true}, {"disable", args.Disable, false}} {
+		switch strings.ToLower(q.value) {
+		case "":
+		case "hbmm":
+			h.enabled = q.enabled
+		default:
+			return fmt.Errorf("%w: --%s %q: only hbmm", ErrPolicy, q.flag, q.value)
+		}
 	}
 	return a.applyHBMM(vol, h)
 }

@@ -46,6 +46,42 @@ func (s SetArgs) isPolicy() bool {
 	return s.Policy != "" || s.Name != "" || s.Delete || s.Enable != "" || s.Disable != ""
 }
 
+// Check refuses a malformed set command before it reaches the agent's
+// state (the CLI calls it to answer with a usage error; setVerb calls it
+// too). names is how many set names were given.
+func (s SetArgs) Check(names int) error {
+	if s.isPolicy() {
+		if s.DemandMerge || s.Priority != nil || s.ReadCost != nil || s.CopySource != "" || s.ForceRemoval != "" {
+			return fmt.Errorf("%w: HBMM qualifiers (--policy, --name, --delete, --enable, --disable) cannot be mixed with others", ErrPolicy)
+		}
+		if names > 1 {
+			return errors.New("give at most one set name (DSAn)")
+		}
+		if s.Set == "" && s.Name == "" {
+			return errors.New("give a set name (DSAn), or --name to define a named policy")
+		}
+		if s.Policy != "" {
+			if _, err := ParseHBMMPolicy(s.Policy); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	if names != 1 || s.Set == "" {
+		return errors.New("give one set name (DSAn)")
+	}
+	n := 0
+	for _, given := range []bool{s.DemandMerge, s.Priority != nil, s.ReadCost != nil, s.CopySource != "", s.ForceRemoval != ""} {
+		if given {
+			n++
+		}
+	}
+	if n != 1 {
+		return errors.New("give exactly one of --demand-merge, --priority, --read-cost, --copy-source, --force-removal, or HBMM qualifiers")
+	}
+	return nil
+}
+
 // ShowArgs is the show verb.
 type ShowArgs struct {
 	Set string `json:"set,omitempty"`
@@ -233,10 +269,14 @@ func (vol *volume) forgetKeepTable(path string) {
 }
 
 func (a *Agent) setVerb(args SetArgs) error {
+	names := 0
+	if args.Set != "" {
+		names = 1
+	}
+	if err := args.Check(names); err != nil {
+		return err
+	}
 	if args.isPolicy() {
-		if args.DemandMerge || args.Priority != nil || args.ReadCost != nil || args.CopySource != "" || args.ForceRemoval != "" {
-			return fmt.Errorf("%w: HBMM qualifiers (--policy, --name, --delete, --enable, --disable) cannot be mixed with others", ErrPolicy)
-		}
 		return a.policyVerb(args)
 	}
 	vol, err := a.volume(args.Set)
@@ -271,7 +311,7 @@ func (a *Agent) setVerb(args SetArgs) error {
 		}
 		return a.expel(vol, p, errors.New("forced removal by the operator"))
 	}
-	return errors.New("set: nothing to do (give --demand-merge, --priority, --read-cost, --copy-source, --force-removal, --policy, --enable or --disable)")
+	return errors.New("set: nothing to do") // Check refused this already
 }
 
 // Show builds the report for one set, or all.

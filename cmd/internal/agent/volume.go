@@ -399,8 +399,6 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 			}
 			p.dev = ld
 		}
-		region, _ := logRegion(probes[0].dev)
-		md.WriteLog = meta.WriteLog{Offset: uint64(region.Offset), Length: uint64(region.Length)}
 		bms.logged = logs.logged
 	}
 	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{}, bm: bms, writeLog: writeLog,
@@ -422,8 +420,8 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 	}
 	vol.dirty.Store(true)
 	v, err := vu.New(vu.Config{Name: args.Set, Size: size, Members: specs, Logger: a.log,
-		Expel:     func(path string, cause error) error { return a.expel(vol, path, cause) },
-		WriteGate: vol.writeGate, FlushGate: vol.flushGate})
+		Expel: func(path string, cause error) error { return a.expel(vol, path, cause) },
+		Gate:  vol})
 	if err != nil {
 		return nil, err
 	}
@@ -667,6 +665,12 @@ func (vol *volume) writeOneLocked(m *memberRT) error {
 	md := vol.md
 	md.MemberUUID = m.uuid
 	md.CopyCheckpoint = m.checkpoint.Load()
+	// Each member records its own log region (members differ in size);
+	// a recorded log also tells the next mount the set keeps logs.
+	md.WriteLog = meta.WriteLog{}
+	if ld, ok := m.dev.(*loggedDevice); ok {
+		md.WriteLog = ld.descriptor()
+	}
 	md.Members = slices.Clone(vol.md.Members)
 	md.History = slices.Clone(vol.md.History)
 	if err := meta.Write(m.dev, &md); err != nil {
@@ -700,10 +704,11 @@ func sortedKeys[V any](m map[string]V) []string {
 	return out
 }
 
-// writeGate makes the dirty flag durable before the first write after the
-// set was marked clean, and holds off marking clean while writes are in
-// flight.
-func (vol *volume) writeGate(off, n int64) (func(), error) {
+// BeginWrite (vu.Gate) makes the dirty flag durable before the first
+// write after the set was marked clean, holds off marking clean while
+// writes are in flight, and records the range in the write bitmaps
+// before any member sees the data (invariant 2).
+func (vol *volume) BeginWrite(off, n int64) error {
 	vol.cleanMu.RLock()
 	if !vol.dirty.Load() {
 		vol.cleanMu.RUnlock()
@@ -714,7 +719,7 @@ func (vol *volume) writeGate(off, n int64) (func(), error) {
 			vol.mdMu.Unlock()
 			if err := vol.writeAll(); err != nil {
 				vol.cleanMu.Unlock()
-				return nil, fmt.Errorf("mark dirty before writing: %w", err)
+				return fmt.Errorf("mark dirty before writing: %w", err)
 			}
 			vol.dirty.Store(true)
 		}
@@ -722,17 +727,20 @@ func (vol *volume) writeGate(off, n int64) (func(), error) {
 		vol.cleanMu.RLock()
 	}
 	vol.lastWrite.Store(time.Now().UnixNano())
-	// Into the bitmaps before any member sees the data (invariant 2).
 	vol.bm.tracker.Mark(off, n)
 	vol.bm.sinceFlush.Issued(off, n)
-	return func() {
-		vol.bm.sinceFlush.Completed(off, n)
-		vol.cleanMu.RUnlock()
-	}, nil
+	return nil
 }
 
-// flushGate tells the since-flush bitmap what a successful flush covers.
-func (vol *volume) flushGate() func(bool) {
+// EndWrite (vu.Gate) ends a write BeginWrite admitted.
+func (vol *volume) EndWrite(off, n int64) {
+	vol.bm.sinceFlush.Completed(off, n)
+	vol.cleanMu.RUnlock()
+}
+
+// BeginFlush (vu.Gate) tells the since-flush bitmap what a successful
+// flush covers.
+func (vol *volume) BeginFlush() func(bool) {
 	tok := vol.bm.sinceFlush.FlushBegin()
 	return func(ok bool) { _ = vol.bm.sinceFlush.FlushDone(tok, ok) }
 }

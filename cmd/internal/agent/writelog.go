@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
 
 	"github.com/shadow-project/shadow/bitmap"
@@ -25,8 +24,14 @@ import (
 // writes (at or beyond the volume size) pass straight through.
 type loggedDevice struct {
 	device.Device
-	log  *wlog.Log
-	size int64 // the volume's data size: the log covers [0, size)
+	log    *wlog.Log
+	size   int64 // the volume's data size: the log covers [0, size)
+	region wlog.Region
+}
+
+// descriptor is what the member's metadata records of its log.
+func (d *loggedDevice) descriptor() meta.WriteLog {
+	return meta.WriteLog{Offset: uint64(d.region.Offset), Length: uint64(d.region.Length)}
 }
 
 func (d *loggedDevice) logged(off, n int64) bool { return off < d.size && n > 0 }
@@ -90,9 +95,7 @@ type logState struct {
 // holds stays pinned until the merge is done); otherwise it is formatted
 // empty. A log that cannot be read costs a full merge, never a refusal.
 func attachLog(dev device.Device, size int64, recover bool, st *logState) (*loggedDevice, error) {
-	sw, ok := dev.(interface {
-		SyncWriteAt(p []byte, off int64) (int, error)
-	})
+	sdev, ok := dev.(syncDevice)
 	if !ok {
 		return nil, fmt.Errorf("%s cannot keep a write log (no range-limited synchronous write)", dev.Path())
 	}
@@ -100,39 +103,31 @@ func attachLog(dev device.Device, size int64, recover bool, st *logState) (*logg
 	if err != nil {
 		return nil, err
 	}
-	ldev := logDevice{Device: dev, sw: sw}
+	format := wlog.Format
 	if recover {
-		l, got, err := wlog.Open(ldev, region, size)
+		l, got, err := wlog.Open(sdev, region, size)
 		if err == nil {
 			for off, n := range got.Ranges() {
 				st.logged.AddRange(off, n)
 			}
-			return &loggedDevice{Device: dev, log: l, size: size}, nil
+			return &loggedDevice{Device: dev, log: l, size: size, region: region}, nil
 		}
 		st.lost = append(st.lost, fmt.Sprintf("%s: %v", dev.Path(), err))
 		// Every extent pinned until the full merge is done.
-		l, err = wlog.FormatDirty(ldev, region, size, 0)
-		if err != nil {
-			return nil, fmt.Errorf("format the write log of %s: %w", dev.Path(), err)
-		}
-		return &loggedDevice{Device: dev, log: l, size: size}, nil
+		format = wlog.FormatDirty
 	}
-	l, err := wlog.Format(ldev, region, size, 0)
+	l, err := format(sdev, region, size, 0)
 	if err != nil {
 		return nil, fmt.Errorf("format the write log of %s: %w", dev.Path(), err)
 	}
-	return &loggedDevice{Device: dev, log: l, size: size}, nil
+	return &loggedDevice{Device: dev, log: l, size: size, region: region}, nil
 }
 
-// logDevice is what wlog needs of a member.
-type logDevice struct {
+// syncDevice is a member that can keep a write log.
+type syncDevice interface {
 	device.Device
-	sw interface {
-		SyncWriteAt(p []byte, off int64) (int, error)
-	}
+	device.SyncWriter
 }
-
-func (d logDevice) SyncWriteAt(p []byte, off int64) (int, error) { return d.sw.SyncWriteAt(p, off) }
 
 // memberLogs returns the write logs of the set's members.
 func (vol *volume) memberLogs() []*wlog.Log {
@@ -170,12 +165,9 @@ func (a *Agent) mergeUnderway(vol *volume, on bool) error {
 	vol.md.MergeUnderway = on
 	vol.mdMu.Unlock()
 	if !on {
-		var once sync.Once
 		for _, l := range vol.memberLogs() {
 			if err := l.Unpin(0, vol.size); err != nil {
-				once.Do(func() {
-					a.log.Warn().Str("vu", vol.name).Err(err).Msg("could not release the write logs' recovered extents")
-				})
+				a.log.Warn().Str("vu", vol.name).Err(err).Msg("could not release a write log's recovered extents")
 			}
 		}
 		vol.bm.mu.Lock()

@@ -33,6 +33,7 @@ func benchFile(b *testing.B, name string) device.Device {
 	return d
 }
 
+// sixteenWriters runs 16 goroutines of 4 KiB requests at random offsets.
 func sixteenWriters(b *testing.B, write func(buf []byte, off int64) error) {
 	var wg sync.WaitGroup
 	per := b.N/16 + 1
@@ -64,4 +65,20 @@ func BenchmarkWriteVUTwoMembers(b *testing.B) {
 		b.Fatal(err)
 	}
 	sixteenWriters(b, func(buf []byte, off int64) error { return v.WriteAt(buf, off, false) })
+}
+
+// The read path, cached: what the VU adds to a pread (member choice by
+// cost and queue depth).
+func BenchmarkReadOneDevice(b *testing.B) {
+	d := benchFile(b, "a")
+	sixteenWriters(b, func(buf []byte, off int64) error { _, err := d.ReadAt(buf, off); return err })
+}
+
+func BenchmarkReadVUTwoMembers(b *testing.B) {
+	v, err := New(Config{Name: "DSA1", Size: 256 << 20, Logger: zerolog.Nop(),
+		Members: []MemberSpec{{Dev: benchFile(b, "a"), Role: Full}, {Dev: benchFile(b, "b"), Role: Full}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	sixteenWriters(b, func(buf []byte, off int64) error { return v.ReadAt(buf, off) })
 }

@@ -18,6 +18,7 @@ package vu
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -104,29 +105,36 @@ type Config struct {
 	// request is acknowledged after it. An error keeps the member and
 	// fails the request.
 	Expel func(path string, cause error) error
-	// WriteGate, if set, runs before a write or zero of [off, off+n)
-	// touches any member, and its done func after the request completes
-	// (whatever the outcome). The agent uses it to make the dirty flag
-	// durable before the first write after a clean period, to record the
-	// range in its write bitmaps before the data moves, and to know when
-	// no write is in flight.
-	WriteGate func(off, n int64) (done func(), err error)
-	// FlushGate, if set, runs before a flush reaches the members; its
-	// done func gets whether every member that stayed in the set flushed.
-	// The agent tracks what a successful flush covers with it.
-	FlushGate func() (done func(ok bool))
-	Logger    zerolog.Logger
+	// Gate, if set, brackets application writes and flushes.
+	Gate   Gate
+	Logger zerolog.Logger
+}
+
+// Gate is the agent's hook around application I/O. The agent uses it to
+// make the dirty flag durable before the first write after a clean
+// period, to record each range in its write bitmaps before the data
+// moves, to know when no write is in flight, and to learn what a
+// successful flush covers. An interface rather than funcs returning
+// funcs, so that the write path allocates nothing for it.
+type Gate interface {
+	// BeginWrite runs before a write or zero of [off, off+n) touches any
+	// member; an error refuses the request.
+	BeginWrite(off, n int64) error
+	// EndWrite runs when that request completes, whatever the outcome.
+	EndWrite(off, n int64)
+	// BeginFlush runs before a flush reaches the members; end gets
+	// whether every member that stayed in the set flushed.
+	BeginFlush() (end func(ok bool))
 }
 
 // VU is one virtual unit. All methods are safe for concurrent use.
 type VU struct {
-	name      string
-	size      int64
-	locks     RangeLock
-	expel     func(string, error) error
-	gate      func(off, n int64) (func(), error)
-	flushGate func() func(bool)
-	log       zerolog.Logger
+	name  string
+	size  int64
+	locks RangeLock
+	expel func(string, error) error
+	gate  Gate
+	log   zerolog.Logger
 	// appIO counts application requests in flight; engines throttle to
 	// their minimum rate while it is non-zero.
 	appIO atomic.Int64
@@ -142,7 +150,7 @@ func New(cfg Config) (*VU, error) {
 	if cfg.Size <= 0 {
 		return nil, fmt.Errorf("vu %s: size %d is not positive", cfg.Name, cfg.Size)
 	}
-	v := &VU{name: cfg.Name, size: cfg.Size, expel: cfg.Expel, gate: cfg.WriteGate, flushGate: cfg.FlushGate, log: cfg.Logger}
+	v := &VU{name: cfg.Name, size: cfg.Size, expel: cfg.Expel, gate: cfg.Gate, log: cfg.Logger}
 	full := 0
 	for _, s := range cfg.Members {
 		if err := v.addMember(s); err != nil {
@@ -301,16 +309,21 @@ func (v *VU) check(off int64, n int64) error {
 // Busy reports application I/O in flight.
 func (v *VU) Busy() bool { return v.appIO.Load() > 0 }
 
-// passGate runs the write gate; the caller defers the returned done.
-func (v *VU) passGate(off, n int64) (done func(), err error) {
+// beginWrite passes the gate; endWrite must follow once it succeeded.
+func (v *VU) beginWrite(off, n int64) error {
 	if v.gate == nil {
-		return func() {}, nil
+		return nil
 	}
-	done, err = v.gate(off, n)
-	if err != nil {
-		return nil, fmt.Errorf("vu %s: %w", v.name, err)
+	if err := v.gate.BeginWrite(off, n); err != nil {
+		return fmt.Errorf("vu %s: %w", v.name, err)
 	}
-	return done, nil
+	return nil
+}
+
+func (v *VU) endWrite(off, n int64) {
+	if v.gate != nil {
+		v.gate.EndWrite(off, n)
+	}
 }
 
 // WriteAt writes p to every full member and copy target.
@@ -320,11 +333,10 @@ func (v *VU) WriteAt(p []byte, off int64, fua bool) error {
 	}
 	v.appIO.Add(1)
 	defer v.appIO.Add(-1)
-	done, err := v.passGate(off, int64(len(p)))
-	if err != nil {
+	if err := v.beginWrite(off, int64(len(p))); err != nil {
 		return err
 	}
-	defer done()
+	defer v.endWrite(off, int64(len(p)))
 	unlock := v.locks.Lock(off, int64(len(p)))
 	defer unlock()
 	return v.everyMember("write", func(d Device) error {
@@ -347,11 +359,10 @@ func (v *VU) Zero(off, n int64, fua bool) error {
 	}
 	v.appIO.Add(1)
 	defer v.appIO.Add(-1)
-	done, err := v.passGate(off, n)
-	if err != nil {
+	if err := v.beginWrite(off, n); err != nil {
 		return err
 	}
-	defer done()
+	defer v.endWrite(off, n)
 	unlock := v.locks.Lock(off, n)
 	defer unlock()
 	return v.everyMember("zero", func(d Device) error {
@@ -370,14 +381,15 @@ func (v *VU) Trim(off, n int64) error { return v.Zero(off, n, false) }
 
 // Flush makes every acknowledged write durable on every member.
 func (v *VU) Flush() error {
-	if v.flushGate == nil {
-		return v.everyMember("flush", func(d Device) error { return d.Flush() })
+	flush := func(d Device) error { return d.Flush() }
+	if v.gate == nil {
+		return v.everyMember("flush", flush)
 	}
-	done := v.flushGate()
-	err := v.everyMember("flush", func(d Device) error { return d.Flush() })
+	end := v.gate.BeginFlush()
+	err := v.everyMember("flush", flush)
 	// A member that failed to flush was expelled (err is nil then): what
 	// stays in the set flushed.
-	done(err == nil)
+	end(err == nil)
 	return err
 }
 
@@ -467,7 +479,9 @@ func (v *VU) ReadAt(p []byte, off int64) error {
 	if merge != nil && merge.Pending(off, int64(len(p))) {
 		return v.mergeRead(p, off, master)
 	}
-	tried := map[*member]bool{}
+	// Few members: a slice on the stack beats a map per read.
+	var triedBuf [4]*member
+	tried := triedBuf[:0]
 	var firstErr error
 	var bad []*member
 	for {
@@ -478,7 +492,7 @@ func (v *VU) ReadAt(p []byte, off int64) error {
 			}
 			return fmt.Errorf("vu %s: read [%d, +%d): %w", v.name, off, len(p), errors.Join(ErrNoMember, firstErr))
 		}
-		tried[m] = true
+		tried = append(tried, m)
 		m.inflight.Add(1)
 		_, err := m.dev.ReadAt(p, off)
 		m.inflight.Add(-1)
@@ -498,13 +512,13 @@ func (v *VU) ReadAt(p []byte, off int64) error {
 
 // pickReader returns the untried full member with the lowest read cost
 // plus queue depth; ties go to the earlier member.
-func (v *VU) pickReader(tried map[*member]bool) *member {
+func (v *VU) pickReader(tried []*member) *member {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	var best *member
 	var bestScore int64
 	for _, m := range v.members {
-		if m.role != Full || tried[m] {
+		if m.role != Full || slices.Contains(tried, m) {
 			continue
 		}
 		score := int64(m.readCost) + m.inflight.Load()
@@ -522,7 +536,7 @@ func (v *VU) repair(m *member, good []byte, off int64) {
 	defer unlock()
 	// Re-read under the lock: a write may have landed since the read.
 	fresh := make([]byte, len(good))
-	src := v.pickReader(map[*member]bool{m: true})
+	src := v.pickReader([]*member{m})
 	if src == nil {
 		return
 	}

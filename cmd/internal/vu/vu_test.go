@@ -299,56 +299,71 @@ func TestSlowMemberDelaysAck(t *testing.T) {
 	})
 }
 
+// testGate records what the VU tells its gate.
+type testGate struct {
+	t       *testing.T
+	dev     *memDev
+	refuse  bool
+	open    atomic.Int32
+	flushes []bool
+}
+
+func (g *testGate) BeginWrite(off, n int64) error {
+	if off != 0 || n != 1 {
+		g.t.Errorf("gate got [%d, +%d), want [0, +1)", off, n)
+	}
+	if g.refuse {
+		return errors.New("dirty flag not durable")
+	}
+	if g.dev.writes.Load() != 0 && g.open.Load() == 0 {
+		g.t.Error("a member was written before the gate opened")
+	}
+	g.open.Add(1)
+	return nil
+}
+
+func (g *testGate) EndWrite(off, n int64) { g.open.Add(-1) }
+
+func (g *testGate) BeginFlush() func(bool) {
+	return func(ok bool) { g.flushes = append(g.flushes, ok) }
+}
+
 func TestWriteGateRunsBeforeMembersAndCanRefuse(t *testing.T) {
 	a, b := newMem("a", size), newMem("b", size)
-	var open atomic.Int32
-	refuse := false
+	g := &testGate{t: t, dev: a}
 	v, err := New(Config{Name: "DSA1", Size: size, Members: []MemberSpec{{Dev: a, Role: Full}, {Dev: b, Role: Full}},
-		Logger: zerolog.Nop(),
-		WriteGate: func(off, n int64) (func(), error) {
-			if off != 0 || n != 1 {
-				t.Errorf("gate got [%d, +%d), want [0, +1)", off, n)
-			}
-			if refuse {
-				return nil, errors.New("dirty flag not durable")
-			}
-			if a.writes.Load() != 0 && open.Load() == 0 {
-				t.Error("a member was written before the gate opened")
-			}
-			open.Add(1)
-			return func() { open.Add(-1) }, nil
-		}})
+		Logger: zerolog.Nop(), Gate: g})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := v.WriteAt([]byte("x"), 0, false); err != nil {
 		t.Fatal(err)
 	}
-	if open.Load() != 0 || v.Busy() {
+	if g.open.Load() != 0 || v.Busy() {
 		t.Fatal("gate or busy count not released after the write")
 	}
-	refuse = true
+	g.refuse = true
 	before := a.writes.Load()
 	if err := v.WriteAt([]byte("y"), 0, false); err == nil || a.writes.Load() != before {
 		t.Fatalf("refused gate: err %v, writes %d -> %d", err, before, a.writes.Load())
+	}
+	if g.open.Load() != 0 {
+		t.Fatal("a refused write was ended")
 	}
 }
 
 func TestFlushGateSeesOutcome(t *testing.T) {
 	a, b := newMem("a", size), newMem("b", size)
-	var got []bool
-	began := 0
+	g := &testGate{t: t, dev: a}
 	v, err := New(Config{Name: "DSA1", Size: size, Members: []MemberSpec{{Dev: a, Role: Full}, {Dev: b, Role: Full}},
-		Logger:    zerolog.Nop(),
-		FlushGate: func() func(bool) { began++; return func(ok bool) { got = append(got, ok) } },
-	})
+		Logger: zerolog.Nop(), Gate: g})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := v.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	if began != 1 || len(got) != 1 || !got[0] {
-		t.Fatalf("flush gate: began %d, outcomes %v; want 1, [true]", began, got)
+	if len(g.flushes) != 1 || !g.flushes[0] {
+		t.Fatalf("flush gate outcomes %v; want [true]", g.flushes)
 	}
 }
