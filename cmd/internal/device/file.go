@@ -293,18 +293,24 @@ func (d *osDevice) ReadAt(p []byte, off int64) (int, error) {
 }
 
 func (d *osDevice) WriteAt(p []byte, off int64) (int, error) {
+	return d.write("write", p, off, d.pwrite)
+}
+
+// write checks a write of p at off and runs it with do; a failure fails
+// the device for good. op names it in errors.
+func (d *osDevice) write(op string, p []byte, off int64, do func([]byte, int64) (int, error)) (int, error) {
 	if err := d.usable(); err != nil {
 		return 0, err
 	}
 	if d.readOnly {
-		return 0, fmt.Errorf("device: write %s: %w", d.path, ErrReadOnly)
+		return 0, fmt.Errorf("device: %s %s: %w", op, d.path, ErrReadOnly)
 	}
-	if err := checkRange(d.path, "write", off, int64(len(p)), d.size); err != nil {
+	if err := checkRange(d.path, op, off, int64(len(p)), d.size); err != nil {
 		return 0, err
 	}
-	n, err := d.pwrite(p, off)
+	n, err := do(p, off)
 	if err != nil {
-		return n, d.fail("write", fmt.Errorf("write at %d+%d: %w", off, len(p), err))
+		return n, d.fail(op, fmt.Errorf("%s at %d+%d: %w", op, off, len(p), err))
 	}
 	return n, nil
 }

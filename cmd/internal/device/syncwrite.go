@@ -32,20 +32,7 @@ type SyncWriter interface {
 // request on a Direct device takes the same fallback after the bounce
 // path; write logs write whole aligned blocks and never pay it.
 func (d *osDevice) SyncWriteAt(p []byte, off int64) (int, error) {
-	if err := d.usable(); err != nil {
-		return 0, err
-	}
-	if d.readOnly {
-		return 0, fmt.Errorf("device: sync write %s: %w", d.path, ErrReadOnly)
-	}
-	if err := checkRange(d.path, "sync write", off, int64(len(p)), d.size); err != nil {
-		return 0, err
-	}
-	n, err := d.syncWrite(p, off)
-	if err != nil {
-		return n, d.fail("sync write", fmt.Errorf("sync write at %d+%d: %w", off, len(p), err))
-	}
-	return n, nil
+	return d.write("sync write", p, off, d.syncWrite)
 }
 
 func (d *osDevice) syncWrite(p []byte, off int64) (int, error) {
