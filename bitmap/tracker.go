@@ -69,7 +69,10 @@ func (t *Tracker) Mark(off, length int64) {
 		return
 	}
 	t.mu.RLock()
-	hit := containsChunks(t.cache, first, last)
+	// With no sink there is nothing to record (and the cache is emptied
+	// when one is added), so a set without HBMM or minicopy bitmaps pays
+	// a read lock and nothing more.
+	hit := len(t.names) == 0 || containsChunks(t.cache, first, last)
 	t.mu.RUnlock()
 	if hit {
 		return

@@ -230,3 +230,25 @@ func TestTrackerConcurrent(t *testing.T) {
 	close(stop)
 	aux.Wait()
 }
+
+// Without sinks Mark records nothing, not even in the cache, and a sink
+// added later still sees every chunk written after it.
+func TestTrackerWithoutSinks(t *testing.T) {
+	const cs = 64 * kib
+	tr, err := NewTracker(cs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr.Mark(3*cs, cs)
+	if tr.CachedChunks() != 0 {
+		t.Fatalf("a tracker without sinks cached %d chunks", tr.CachedChunks())
+	}
+	b := mustNew(t, cs)
+	if err := tr.AddSink(HBMMSink, b); err != nil {
+		t.Fatal(err)
+	}
+	tr.Mark(3*cs, cs)
+	if !b.Contains(3) {
+		t.Fatal("a chunk written before the sink existed was not recorded after it")
+	}
+}

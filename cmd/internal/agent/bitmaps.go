@@ -44,10 +44,9 @@ type hbmmSetting struct {
 	// (PolicyNoDefault included); with neither, DEFAULT applies.
 	own   *HBMMPolicy
 	named string
-	// enabled: the set is using HBMM; masters are the hosts holding
-	// master bitmaps now (this host alone, on one host).
+	// enabled: the set is using HBMM (the hosts holding master bitmaps
+	// are the core's: SetView.HBMM).
 	enabled bool
-	masters []string
 	resets  int
 }
 
@@ -317,7 +316,8 @@ func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
 	bm.mu.Lock()
 	old := bm.hbmm
 	bm.mu.Unlock()
-	if h.enabled == old.enabled && slices.Equal(masters, old.masters) {
+	sv, _ := a.setView(vol.name)
+	if h.enabled == old.enabled && slices.Equal(masters, sv.HBMM) {
 		bm.mu.Lock()
 		bm.hbmm.own, bm.hbmm.named = h.own, h.named
 		bm.mu.Unlock()
@@ -337,7 +337,6 @@ func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
 			bm.tracker.RemoveSink(bitmap.HBMMSink)
 		}
 	})
-	h.masters = masters
 	bm.mu.Lock()
 	h.resets = old.resets
 	bm.hbmm = h
@@ -474,7 +473,7 @@ func (vol *volume) loggedChunks() *bitmap.Bitmap {
 }
 
 // showBitmaps fills a set's bitmap fields for show.
-func (a *Agent) showBitmaps(vol *volume, s *SetShow) {
+func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *SetShow) {
 	bm := vol.bm
 	s.ChunkBytes, s.WriteLog = bm.chunkSize, vol.writeLog
 	bm.mu.Lock()
@@ -497,10 +496,7 @@ func (a *Agent) showBitmaps(vol *volume, s *SetShow) {
 	if !h.enabled && h.own == nil && h.named == "" {
 		return
 	}
-	hs := &HBMMShow{Enabled: h.enabled, ActiveOn: slices.Clone(h.masters), Resets: h.resets}
-	if hs.ActiveOn == nil {
-		hs.ActiveOn = []string{}
-	}
+	hs := &HBMMShow{Enabled: h.enabled, ActiveOn: append([]string{}, sv.HBMM...), Resets: h.resets}
 	if p, err := a.effectivePolicy(h); err == nil {
 		hs.Policy, hs.PolicyText, hs.ResetThreshold = p.Name, p.String(), p.ResetThreshold
 	} else if h.named != "" {

@@ -360,7 +360,7 @@ func (a *Agent) Show(set string) (ShowReport, error) {
 			}
 			s.Members = append(s.Members, ms)
 		}
-		a.showBitmaps(vol, &s)
+		a.showBitmaps(vol, sv, &s)
 		s.State = vuState(s)
 		r.Sets = append(r.Sets, s)
 	}
