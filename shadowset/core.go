@@ -391,13 +391,8 @@ func (c *Core) defineSet(spec *SetSpec) error {
 			return err
 		}
 	}
-	if err := uniqueNames("hbmm host", spec.HBMM); err != nil {
+	if err := c.checkHBMMHosts(spec.HBMM); err != nil {
 		return err
-	}
-	for _, h := range spec.HBMM {
-		if _, err := c.liveOrDeadHost(h); err != nil {
-			return err
-		}
 	}
 	st := &setState{Name: spec.Name, Mounted: slices.Clone(spec.Mounted), HBMM: slices.Clone(spec.HBMM), Controller: spec.Controller}
 	for _, m := range spec.Members {
@@ -692,6 +687,19 @@ func (c *Core) applyOthers(focused *setState, ev TableEvent, hosts []string, ctx
 
 // ---- members
 
+// checkHBMMHosts: HBMM masters are distinct hosts the cluster knows.
+func (c *Core) checkHBMMHosts(hosts []string) error {
+	if err := uniqueNames("hbmm host", hosts); err != nil {
+		return err
+	}
+	for _, h := range hosts {
+		if _, err := c.liveOrDeadHost(h); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // setHBMM changes a set's HBMM master hosts.
 func (c *Core) setHBMM(ev Event) error {
 	st, err := c.knownSet(ev.Set)
@@ -705,13 +713,8 @@ func (c *Core) setHBMM(ev Event) error {
 	if st.Controller && len(hosts) > 0 {
 		return badf("%s uses write logs (controller minimerge); a set uses HBMM or write logs, not both", st.Name)
 	}
-	if err := uniqueNames("hbmm host", hosts); err != nil {
+	if err := c.checkHBMMHosts(hosts); err != nil {
 		return err
-	}
-	for _, h := range hosts {
-		if err := validName("hbmm host", h); err != nil {
-			return err
-		}
 	}
 	if op := st.mergeOp(); op != nil && op.Kind == Minimerge {
 		return badf("%s has op%d minimerge %s; change its HBMM policy when it completes", st.Name, op.ID, op.State)
