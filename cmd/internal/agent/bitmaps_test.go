@@ -62,6 +62,18 @@ func writeChunks(t *testing.T, a *Agent, n int, rng *rand.Rand) map[uint64]bool 
 	return written
 }
 
+// sameMembers flushes the set and fails the test with msg if the members'
+// data differ.
+func sameMembers(t *testing.T, a *Agent, msg string, m1, m2 string) {
+	t.Helper()
+	if err := a.sets["DSA1"].vu.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(dataOf(t, m1), dataOf(t, m2)) {
+		t.Fatal(msg)
+	}
+}
+
 func lastCompleted(t *testing.T, a *Agent) OpWorkShow {
 	t.Helper()
 	r, err := a.Show("DSA1")
@@ -103,12 +115,7 @@ func TestMinicopyCopiesExactlyTheChunksWritten(t *testing.T) {
 	if r, _ := a.Show("DSA1"); len(r.Sets[0].Minicopy) != 0 {
 		t.Fatalf("the bitmap outlived its minicopy: %+v", r.Sets[0].Minicopy)
 	}
-	if err := a.sets["DSA1"].vu.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(dataOf(t, m1), dataOf(t, m2)) {
-		t.Fatal("members differ after the minicopy")
-	}
+	sameMembers(t, a, "members differ after the minicopy", m1, m2)
 }
 
 // A member written outside the set while away is refused a minicopy (and
@@ -147,12 +154,7 @@ func TestMinicopyRefusedAfterWritesOutsideTheSet(t *testing.T) {
 	if w := lastCompleted(t, a); w.Kind != "full-copy" {
 		t.Fatalf("completed %+v, want a full copy", w)
 	}
-	if err := a.sets["DSA1"].vu.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	if !bytes.Equal(dataOf(t, m1), dataOf(t, m2)) {
-		t.Fatal("members differ after the full copy")
-	}
+	sameMembers(t, a, "members differ after the full copy", m1, m2)
 }
 
 // A demand merge on an HBMM set merges exactly the chunks written since

@@ -299,14 +299,13 @@ func TestZeroFile(t *testing.T) {
 	}
 }
 
-// TestStickyWriteFailure makes a real write fail (the descriptor is
-// swapped for a read-only one: EBADF from the kernel) and checks that
-// every later call, Flush included, returns that failure, although an
-// fdatasync on the descriptor would now succeed.
-func TestStickyWriteFailure(t *testing.T) {
+// withReadOnlyDescriptor opens a device whose descriptor is then swapped
+// for a read-only one, so that the kernel fails its writes (EBADF);
+// restore puts the writable one back.
+func withReadOnlyDescriptor(t *testing.T) (d *osDevice, restore func()) {
+	t.Helper()
 	p := newFile(t, 64<<10)
-	dev := mustOpen(t, p, Options{})
-	d := dev.(*osDevice)
+	d = mustOpen(t, p, Options{}).(*osDevice)
 	ro, err := os.Open(p)
 	if err != nil {
 		t.Fatal(err)
@@ -314,8 +313,17 @@ func TestStickyWriteFailure(t *testing.T) {
 	orig := d.f
 	d.f = ro
 	t.Cleanup(func() { d.f = orig; ro.Close() })
+	return d, func() { d.f = orig }
+}
 
-	_, err = d.WriteAt([]byte("x"), 0)
+// TestStickyWriteFailure makes a real write fail (the descriptor is
+// swapped for a read-only one: EBADF from the kernel) and checks that
+// every later call, Flush included, returns that failure, although an
+// fdatasync on the descriptor would now succeed.
+func TestStickyWriteFailure(t *testing.T) {
+	d, _ := withReadOnlyDescriptor(t)
+
+	_, err := d.WriteAt([]byte("x"), 0)
 	if !errors.Is(err, ErrFailed) || !errors.Is(err, syscall.EBADF) {
 		t.Fatalf("write: %v, want ErrFailed wrapping EBADF", err)
 	}

@@ -3,7 +3,6 @@ package device
 import (
 	"bytes"
 	"errors"
-	"os"
 	"syscall"
 	"testing"
 )
@@ -86,23 +85,14 @@ func TestSyncWriteAtRefusals(t *testing.T) {
 // a descriptor swapped for a read-only one) fails the device, and a
 // later Flush reports it instead of succeeding.
 func TestSyncWriteAtSticky(t *testing.T) {
-	p := newFile(t, 64<<10)
-	dev := mustOpen(t, p, Options{})
-	d := dev.(*osDevice)
-	ro, err := os.Open(p)
-	if err != nil {
-		t.Fatal(err)
-	}
-	orig := d.f
-	d.f = ro
-	t.Cleanup(func() { d.f = orig; ro.Close() })
+	d, restore := withReadOnlyDescriptor(t)
 	if _, err := d.SyncWriteAt(make([]byte, 4096), 0); !errors.Is(err, ErrFailed) || !errors.Is(err, syscall.EBADF) {
 		t.Fatalf("sync write: %v, want ErrFailed wrapping EBADF", err)
 	}
 	if d.noDSync.Load() {
 		t.Fatal("an I/O error was taken for an unsupported flag")
 	}
-	d.f = orig
+	restore()
 	if err := d.Flush(); !errors.Is(err, ErrFailed) {
 		t.Fatalf("flush after failed sync write: %v", err)
 	}
