@@ -249,6 +249,24 @@ func (l *Log) Acquire(ctx context.Context, off, length int64) error {
 	return nil
 }
 
+// TryAcquire is Acquire when no log write is needed: it admits the write
+// and returns true when every extent of the range is already durable,
+// and otherwise admits nothing and returns false (call Acquire, which
+// may wait for a log write). A true must be paired with Release.
+func (l *Log) TryAcquire(off, length int64) bool {
+	first, end, err := l.span(off, length)
+	if err != nil || l.closed.Load() {
+		return false
+	}
+	for e := first; e < end; e++ {
+		if l.st[e].Add(1)&flagDurable == 0 {
+			l.drop(first, e+1)
+			return false
+		}
+	}
+	return true
+}
+
 // acquireSlow makes durable the extents of [first, end) that are not
 // yet; every one of them already counts this write as in flight, which
 // keeps Sweep away from them.

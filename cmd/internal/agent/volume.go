@@ -726,10 +726,30 @@ func (vol *volume) BeginWrite(off, n int64) error {
 		vol.cleanMu.Unlock()
 		vol.cleanMu.RLock()
 	}
+	vol.admit(off, n)
+	return nil
+}
+
+// TryBeginWrite (vu.Gate) is BeginWrite when the set is already dirty and
+// no clean-marking holds the gate, so nothing has to wait.
+func (vol *volume) TryBeginWrite(off, n int64) bool {
+	if !vol.cleanMu.TryRLock() {
+		return false
+	}
+	if !vol.dirty.Load() {
+		vol.cleanMu.RUnlock()
+		return false
+	}
+	vol.admit(off, n)
+	return true
+}
+
+// admit records an admitted write in the bitmaps before any member sees
+// its data.
+func (vol *volume) admit(off, n int64) {
 	vol.lastWrite.Store(time.Now().UnixNano())
 	vol.bm.tracker.Mark(off, n)
 	vol.bm.sinceFlush.Issued(off, n)
-	return nil
 }
 
 // EndWrite (vu.Gate) ends a write BeginWrite admitted.

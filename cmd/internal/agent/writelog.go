@@ -49,6 +49,32 @@ func (d *loggedDevice) WriteAt(p []byte, off int64) (int, error) {
 	return d.Device.WriteAt(p, off)
 }
 
+// TryWriteAt (device.Quick) writes at once only when the log needs no
+// write of its own (the extent is already durable) and the member below
+// can write from memory.
+func (d *loggedDevice) TryWriteAt(p []byte, off int64) (bool, error) {
+	q, ok := d.Device.(device.Quick)
+	if !ok {
+		return false, nil
+	}
+	n := int64(len(p))
+	if !d.logged(off, n) {
+		return q.TryWriteAt(p, off)
+	}
+	n = min(n, d.size-off)
+	if !d.log.TryAcquire(off, n) {
+		return false, nil
+	}
+	defer d.log.Release(off, n)
+	return q.TryWriteAt(p, off)
+}
+
+// TryReadAt (device.Quick): reads do not involve the log.
+func (d *loggedDevice) TryReadAt(p []byte, off int64) bool {
+	q, ok := d.Device.(device.Quick)
+	return ok && q.TryReadAt(p, off)
+}
+
 func (d *loggedDevice) Zero(off, length int64) error {
 	if !d.logged(off, length) {
 		return d.Device.Zero(off, length)

@@ -52,6 +52,8 @@ type osDevice struct {
 	// SyncWriteAt goes straight to its fallback.
 	noDSync atomic.Bool
 
+	quick quickState
+
 	closed atomic.Bool
 	failed atomic.Pointer[failedError]
 }

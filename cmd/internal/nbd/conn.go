@@ -38,8 +38,14 @@ type conn struct {
 
 	// Set by negotiation, read-only afterwards.
 	exp      *export
+	quick    QuickBackend // nil: every request goes to a worker
 	size     uint64
 	readOnly bool
+
+	// batch holds the replies to requests the reader served itself (see
+	// QuickBackend), written together when the reader would otherwise
+	// block. Only the reader touches it.
+	batch []byte
 
 	wmu      sync.Mutex // serialises replies; guards writeErr
 	writeErr error

@@ -175,6 +175,7 @@ func (c *conn) transmissionInfo(e *export) (size uint64, flags uint16) {
 
 func (c *conn) enterTransmission(e *export, size uint64) (*export, error) {
 	c.exp = e
+	c.quick, _ = e.Backend.(QuickBackend)
 	c.size = size
 	c.readOnly = e.ReadOnly
 	c.nc.SetDeadline(time.Time{})

@@ -37,6 +37,24 @@ type Backend interface {
 	Zero(off, length int64, fua bool) error
 }
 
+// QuickBackend is the optional fast path of a Backend. The connection's
+// reader tries it for READ and WRITE (without FUA) before handing a
+// request to a worker goroutine: a request the backend completes from
+// memory then costs no goroutine, no wake-up and, with the replies of the
+// other requests it read in the same batch, one reply write. A backend
+// that would have to wait (for a disk, a lock, metadata) declines and the
+// request takes the usual path, so a slow request never holds up the
+// reader for long.
+type QuickBackend interface {
+	// TryWriteAt writes p at off if it can without waiting. done false:
+	// nothing was written. When done, err is the write's result, as
+	// WriteAt's.
+	TryWriteAt(p []byte, off int64) (done bool, err error)
+	// TryReadAt fills all of p if it can without waiting; false: p holds
+	// nothing usable (errors are for ReadAt to report).
+	TryReadAt(p []byte, off int64) bool
+}
+
 // Export is one named block device.
 type Export struct {
 	Name        string // the VU name, e.g. "DSA1"; what clients ask for

@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"math/bits"
@@ -22,9 +23,24 @@ type request struct {
 // transmit reads requests until the client disconnects, the stream becomes
 // unusable, or the server stops the connection. Valid requests run in
 // their own goroutines; transmit does not wait for them.
-func (c *conn) transmit() error {
+//
+// Requests the backend can complete without waiting (QuickBackend) are
+// served by transmit itself, their replies batched until it would block.
+func (c *conn) transmit() (err error) {
+	// Replies to requests already read are owed even after DISC; after a
+	// read error, sending them is harmless.
+	defer func() {
+		if ferr := c.flushBatch(); err == nil || errors.Is(err, errDisconnect) {
+			if ferr != nil {
+				err = ferr
+			}
+		}
+	}()
 	var hdr [28]byte
 	for {
+		if err := c.wouldBlock(len(hdr)); err != nil {
+			return err
+		}
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 			return c.readErr(err, "request header")
 		}
@@ -56,13 +72,14 @@ func (c *conn) transmit() error {
 				if int64(r.length) > max(drainLimit, int64(c.srv.maxRequest)) {
 					return fmt.Errorf("rejected write payload of %d bytes too large to discard", r.length)
 				}
+				if err := c.wouldBlock(int(r.length)); err != nil {
+					return err
+				}
 				if _, err := io.CopyN(io.Discard, c.br, int64(r.length)); err != nil {
 					return c.readErr(err, "rejected write payload")
 				}
 			}
-			if err := c.reply(r.cookie, code, nil); err != nil {
-				return err
-			}
+			c.batchReply(r.cookie, code, 0)
 			continue
 		}
 
@@ -70,18 +87,93 @@ func (c *conn) transmit() error {
 		if r.typ == cmdRead || r.typ == cmdWrite {
 			payloadBytes = int64(r.length)
 		}
-		c.budget.acquire(payloadBytes)
+		if !c.budget.tryAcquire(payloadBytes) {
+			if err := c.flushBatch(); err != nil {
+				return err
+			}
+			c.budget.acquire(payloadBytes)
+		}
 		if r.typ == cmdWrite {
 			r.payload = getBuffer(int(r.length))
-			if _, err := io.ReadFull(c.br, *r.payload); err != nil {
+			err := c.wouldBlock(int(r.length))
+			if err == nil {
+				if _, rerr := io.ReadFull(c.br, *r.payload); rerr != nil {
+					err = c.readErr(rerr, "write payload")
+				}
+			}
+			if err != nil {
 				putBuffer(r.payload)
 				c.budget.release(payloadBytes)
-				return c.readErr(err, "write payload")
+				return err
 			}
+		}
+		if c.serveQuick(&r) {
+			c.budget.release(payloadBytes)
+			if len(c.batch) >= maxBatch {
+				if err := c.flushBatch(); err != nil {
+					return err
+				}
+			}
+			continue
 		}
 		c.inflight.Add(1)
 		go c.handle(r, payloadBytes)
 	}
+}
+
+// wouldBlock writes the batched replies if reading n more bytes may
+// block, that is if fewer are buffered.
+func (c *conn) wouldBlock(n int) error {
+	if c.br.Buffered() >= n {
+		return nil
+	}
+	return c.flushBatch()
+}
+
+// quickMax bounds the requests the reader serves itself: a larger one
+// would hold up the requests behind it for longer than a handoff costs.
+const quickMax = 128 << 10
+
+// serveQuick serves r on the reader, batching its reply, if the backend
+// can complete it without waiting; it reports whether it did. A WRITE's
+// payload goes back to the pool then.
+func (c *conn) serveQuick(r *request) bool {
+	if c.quick == nil || r.length > quickMax || r.flags&cmdFlagFUA != 0 {
+		return false
+	}
+	off := int64(r.offset)
+	switch r.typ {
+	case cmdWrite:
+		done, err := c.quick.TryWriteAt(*r.payload, off)
+		if !done {
+			return false
+		}
+		putBuffer(r.payload)
+		c.batchReply(r.cookie, c.backendResult(r, err), 0)
+		return true
+	case cmdRead:
+		// The data lands right after its reply header: no copy.
+		data := c.batchReply(r.cookie, 0, int(r.length))
+		if !c.quick.TryReadAt(data, off) {
+			c.unbatchReply(int(r.length))
+			return false
+		}
+		return true
+	}
+	return false
+}
+
+// backendResult is the NBD error for a backend error (0 for nil); a
+// failure is counted and logged.
+func (c *conn) backendResult(r *request, err error) uint32 {
+	if err == nil {
+		return 0
+	}
+	code := errno(err)
+	c.failures.Add(1)
+	c.log.Error().Err(err).Str("cmd", commandName(r.typ)).Uint64("offset", r.offset).
+		Uint32("length", r.length).Uint32("error", code).Msg("nbd backend error")
+	return code
 }
 
 // validate returns the error a request must be rejected with before it
@@ -166,14 +258,7 @@ func (c *conn) handle(r request, payloadBytes int64) {
 			err = b.Zero(off, length, fua)
 		}
 	}
-	var code uint32
-	if err != nil {
-		code = errno(err)
-		c.failures.Add(1)
-		c.log.Error().Err(err).Str("cmd", commandName(r.typ)).Int64("offset", off).
-			Int64("length", length).Uint32("error", code).Msg("nbd backend error")
-	}
-	c.reply(r.cookie, code, nil)
+	c.reply(r.cookie, c.backendResult(&r, err), nil)
 }
 
 // zeroBlock is the source of writes for WRITE_ZEROES with NO_HOLE.
@@ -226,6 +311,18 @@ func (b *budget) acquire(n int64) {
 	b.count++
 	b.bytes += n
 	b.mu.Unlock()
+}
+
+// tryAcquire is acquire when there is room now; false: nothing taken.
+func (b *budget) tryAcquire(n int64) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.count >= b.maxCount || (b.count > 0 && b.bytes+n > b.maxBytes) {
+		return false
+	}
+	b.count++
+	b.bytes += n
+	return true
 }
 
 func (b *budget) release(n int64) {

@@ -46,6 +46,22 @@ func (l *RangeLock) Lock(off, n int64) (unlock func()) {
 	return func() { l.release(e) }
 }
 
+// tryLock takes [off, off+n) only if no queued request overlaps it, and
+// returns nil instead of waiting otherwise. Pass the entry to release.
+func (l *RangeLock) tryLock(off, n int64) *rangeEntry {
+	if n <= 0 {
+		n = 1
+	}
+	e := &rangeEntry{off: off, end: off + n, granted: true}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.free(e, len(l.queue)) {
+		return nil
+	}
+	l.queue = append(l.queue, e)
+	return e
+}
+
 // free reports whether no entry before position i overlaps e.
 func (l *RangeLock) free(e *rangeEntry, i int) bool {
 	for _, o := range l.queue[:i] {

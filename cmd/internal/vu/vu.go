@@ -24,6 +24,8 @@ import (
 	"syscall"
 
 	"github.com/rs/zerolog"
+
+	"github.com/shadow-project/shadow/cmd/internal/device"
 )
 
 // Device is what the engine needs of a member.
@@ -120,6 +122,10 @@ type Gate interface {
 	// BeginWrite runs before a write or zero of [off, off+n) touches any
 	// member; an error refuses the request.
 	BeginWrite(off, n int64) error
+	// TryBeginWrite is BeginWrite when it can admit the write without
+	// waiting (for metadata to be written, or for a flush holding the
+	// gate); false: nothing was admitted, call BeginWrite.
+	TryBeginWrite(off, n int64) bool
 	// EndWrite runs when that request completes, whatever the outcome.
 	EndWrite(off, n int64)
 	// BeginFlush runs before a flush reaches the members; end gets
@@ -394,16 +400,11 @@ func (v *VU) Flush() error {
 }
 
 // everyMember runs op on every full member and copy target at once, then
-// expels the members it failed on, unless that would leave no full member
-// with the data: then the request fails and nobody is expelled.
+// expels the members it failed on (see settle).
 func (v *VU) everyMember(what string, op func(Device) error) error {
-	v.mu.RLock()
-	ms := append([]*member(nil), v.members...)
-	roles := make([]Role, len(ms))
-	for i, m := range ms {
-		roles[i] = m.role // roles change under v.mu (a copy completes)
-	}
-	v.mu.RUnlock()
+	var msBuf [maxFanout]*member
+	var rolesBuf [maxFanout]Role
+	ms, roles := v.writeTargets(msBuf[:0], rolesBuf[:0])
 	errs := make([]error, len(ms))
 	var wg sync.WaitGroup
 	for i, m := range ms[1:] {
@@ -417,17 +418,40 @@ func (v *VU) everyMember(what string, op func(Device) error) error {
 	errs[0] = op(ms[0].dev)
 	ms[0].inflight.Add(-1)
 	wg.Wait()
+	return v.settle(what, ms, roles, errs)
+}
 
+// maxFanout sizes the stack arrays of the write path: six members plus
+// copy targets being added fit; more spill to the heap.
+const maxFanout = 8
+
+// writeTargets appends the members a write goes to (every full member and
+// copy target) and their roles at this moment: a copy completing changes
+// a role under v.mu.
+func (v *VU) writeTargets(ms []*member, roles []Role) ([]*member, []Role) {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	for _, m := range v.members {
+		ms = append(ms, m)
+		roles = append(roles, m.role)
+	}
+	return ms, roles
+}
+
+// settle expels the members whose part of a request failed (errs[i] for
+// ms[i]), unless that would leave no full member with the data: then the
+// request fails and nobody is expelled.
+func (v *VU) settle(what string, ms []*member, roles []Role, errs []error) error {
 	fullOK := 0
-	var failed []int
+	failed := false
 	for i := range ms {
 		if errs[i] != nil {
-			failed = append(failed, i)
+			failed = true
 		} else if roles[i] == Full {
 			fullOK++
 		}
 	}
-	if len(failed) == 0 {
+	if !failed {
 		return nil
 	}
 	if fullOK == 0 {
@@ -435,12 +459,75 @@ func (v *VU) everyMember(what string, op func(Device) error) error {
 		v.log.Error().Str("vu", v.name).Str("op", what).Err(err).Msg("no full member completed the request; it fails and no member is expelled")
 		return fmt.Errorf("vu %s: %s failed on every full member: %w", v.name, what, errors.Join(ErrNoMember, err))
 	}
-	for _, i := range failed {
-		if err := v.expelMember(ms[i], fmt.Errorf("%s: %w", what, errs[i])); err != nil {
-			return err
+	for i, err := range errs {
+		if err == nil {
+			continue
+		}
+		if xerr := v.expelMember(ms[i], fmt.Errorf("%s: %w", what, err)); xerr != nil {
+			return xerr
 		}
 	}
 	return nil
+}
+
+// TryWriteAt serves a write (without FUA) at once, on the caller's
+// goroutine, when nothing in it has to wait: the gate admits it without
+// writing metadata, no request in flight overlaps it, and every member
+// can take it from memory (device.Quick: buffered I/O, a write log whose
+// extent is already durable). done false: nothing happened, call WriteAt.
+//
+// The members are written one after the other rather than at once:
+// each write is a copy into the page cache, and the goroutine and thread
+// wake-ups a concurrent fan-out costs are more than the copy itself. A
+// member that turns out unable to write from memory (its log extent went
+// cold meanwhile) is written with WriteAt, in turn too. Failures are
+// settled as for WriteAt.
+func (v *VU) TryWriteAt(p []byte, off int64) (done bool, err error) {
+	n := int64(len(p))
+	if err := v.check(off, n); err != nil {
+		return true, err
+	}
+	if v.gate != nil && !v.gate.TryBeginWrite(off, n) {
+		return false, nil
+	}
+	e := v.locks.tryLock(off, n)
+	if e == nil {
+		v.endWrite(off, n)
+		return false, nil
+	}
+	defer v.locks.release(e)
+	var msBuf [maxFanout]*member
+	var rolesBuf [maxFanout]Role
+	var errsBuf [maxFanout]error
+	ms, roles := v.writeTargets(msBuf[:0], rolesBuf[:0])
+	for _, m := range ms {
+		if _, ok := m.dev.(device.Quick); !ok {
+			v.endWrite(off, n)
+			return false, nil
+		}
+	}
+	v.appIO.Add(1)
+	defer v.appIO.Add(-1)
+	defer v.endWrite(off, n)
+	errs := errsBuf[:0]
+	if len(ms) > maxFanout {
+		errs = make([]error, 0, len(ms))
+	}
+	errs = errs[:len(ms)]
+	for i, m := range ms {
+		m.inflight.Add(1)
+		ok, err := m.dev.(device.Quick).TryWriteAt(p, off)
+		if !ok && i == 0 {
+			m.inflight.Add(-1)
+			return false, nil // the deferred calls undo the admission
+		}
+		if !ok {
+			_, err = m.dev.WriteAt(p, off)
+		}
+		m.inflight.Add(-1)
+		errs[i] = err
+	}
+	return true, v.settle("write", ms, roles, errs)
 }
 
 // expelMember removes a failed member before the failing request is
@@ -508,6 +595,36 @@ func (v *VU) ReadAt(p []byte, off int64) error {
 		}
 		bad = append(bad, m)
 	}
+}
+
+// TryReadAt fills p at once, on the caller's goroutine, when the member
+// ReadAt would choose holds the data in memory and no merge has to make
+// the range consistent first. false: p holds nothing usable, call ReadAt
+// (which also handles read errors and their repair).
+func (v *VU) TryReadAt(p []byte, off int64) bool {
+	if v.check(off, int64(len(p))) != nil {
+		return false
+	}
+	v.mu.RLock()
+	merge := v.merge
+	v.mu.RUnlock()
+	if merge != nil && merge.Pending(off, int64(len(p))) {
+		return false
+	}
+	m := v.pickReader(nil)
+	if m == nil {
+		return false
+	}
+	q, ok := m.dev.(device.Quick)
+	if !ok {
+		return false
+	}
+	v.appIO.Add(1)
+	m.inflight.Add(1)
+	ok = q.TryReadAt(p, off)
+	m.inflight.Add(-1)
+	v.appIO.Add(-1)
+	return ok
 }
 
 // pickReader returns the untried full member with the lowest read cost

@@ -324,6 +324,9 @@ func (g *testGate) BeginWrite(off, n int64) error {
 
 func (g *testGate) EndWrite(off, n int64) { g.open.Add(-1) }
 
+// TryBeginWrite declines, as a gate that would have to write metadata.
+func (g *testGate) TryBeginWrite(off, n int64) bool { return false }
+
 func (g *testGate) BeginFlush() func(bool) {
 	return func(ok bool) { g.flushes = append(g.flushes, ok) }
 }
