@@ -769,3 +769,34 @@ func TestStress(t *testing.T) {
 		}
 	}
 }
+
+// TestTryAcquire admits a write only where no log write is needed, and a
+// refusal leaves nothing counted in flight (a leak would keep Sweep from
+// ever clearing the extent).
+func TestTryAcquire(t *testing.T) {
+	dev, region := newMember(64 * MiB)
+	l := mustFormat(t, dev, region, 64*MiB, 64*KiB)
+	if l.TryAcquire(0, 4096) {
+		t.Fatal("TryAcquire admitted a write to an extent not yet logged")
+	}
+	if s := l.Stats(); s.LogWrites != 0 || s.Set != 0 {
+		t.Fatalf("a refused TryAcquire wrote the log: %+v", s)
+	}
+	acquire(t, l, 0, 4096) // extent 0 durable now
+	if !l.TryAcquire(100, 4096) {
+		t.Fatal("TryAcquire refused a durable extent")
+	}
+	if l.TryAcquire(64*KiB-1, 2) { // extents 0 and 1; 1 is not durable
+		t.Fatal("TryAcquire admitted a range with an extent not yet logged")
+	}
+	l.Release(0, 4096)
+	l.Release(100, 4096)
+	flush(l)
+	sweep(t, l, time.Unix(1000, 0), 0)
+	if got := extents(t, dev.durable(), region, 0); len(got) != 0 {
+		t.Fatalf("extents still logged after release, flush and sweep: %v (a refused TryAcquire leaked?)", got)
+	}
+	if s := l.Stats(); s.LogWrites == 0 || s.Misses != 1 {
+		t.Fatalf("stats %+v", s)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -21,6 +22,40 @@ type memBackend struct {
 	writeGate func(off int64) <-chan struct{}
 	// fail, when set, makes a call fail with the returned error.
 	fail func(op string, off int64) error
+
+	// The quick path (QuickBackend) serves reads and writes unless noQuick
+	// is set or a gate is (a gate stands for a backend that would wait);
+	// quickDecline, when set, decides instead.
+	noQuick      bool
+	quickDecline func(op string, off int64) bool
+	quickReads   atomic.Int64
+	quickWrites  atomic.Int64
+}
+
+func (m *memBackend) quick(op string, off int64) bool {
+	if m.quickDecline != nil {
+		return !m.quickDecline(op, off)
+	}
+	return !m.noQuick && m.readGate == nil && m.writeGate == nil
+}
+
+// TryWriteAt (QuickBackend) records its call as WriteAt does.
+func (m *memBackend) TryWriteAt(p []byte, off int64) (bool, error) {
+	if !m.quick("write", off) {
+		return false, nil
+	}
+	m.quickWrites.Add(1)
+	return true, m.WriteAt(p, off, false)
+}
+
+// TryReadAt (QuickBackend) declines when a failure is configured: errors
+// are ReadAt's to report.
+func (m *memBackend) TryReadAt(p []byte, off int64) bool {
+	if !m.quick("read", off) || m.fail != nil {
+		return false
+	}
+	m.quickReads.Add(1)
+	return m.ReadAt(p, off) == nil
 }
 
 // backendCall is one recorded Backend call. Data is a copy of WriteAt's p.

@@ -554,6 +554,9 @@ func TestBackendErrorsMapped(t *testing.T) {
 		}
 	}
 	expectReply(c.do(0, cmdRead, 0, 512, nil))(t, "read ok", 0)
+	if b.quickWrites.Load() == 0 {
+		t.Fatal("no write took the quick path: its error mapping went untested")
+	}
 }
 
 // TestConcurrentRequestsOutOfOrder holds the first READ in the backend
