@@ -141,7 +141,7 @@ func TestTryWriteAtDeclinesWithoutEffect(t *testing.T) {
 			if g.begun.Load() != g.ends.Load() {
 				t.Fatalf("gate: %d admitted, %d ended", g.begun.Load(), g.ends.Load())
 			}
-			if v.Busy() {
+			if v.appIO.Load() != 0 {
 				t.Fatal("application I/O still counted in flight")
 			}
 		})
@@ -199,5 +199,27 @@ func TestTryReadAtLeavesMergeReadsToReadAt(t *testing.T) {
 	}
 	if err := v.ReadAt(got, 8192); err != nil || !bytes.Equal(got, []byte("BBB")) {
 		t.Fatalf("ReadAt after the decline: %q %v", got, err)
+	}
+}
+
+// TestBusySeesQuickRequests: a request served in microseconds is over
+// before an engine looks, but it still makes the next look busy, once.
+func TestBusySeesQuickRequests(t *testing.T) {
+	v := quickVU(t, &countingGate{allow: true}, nil, newQuick("a"), newQuick("b"))
+	if v.Busy() {
+		t.Fatal("busy before any request")
+	}
+	if done, err := v.TryWriteAt([]byte("x"), 0); !done || err != nil {
+		t.Fatal(done, err)
+	}
+	if !v.Busy() {
+		t.Fatal("a completed quick write did not make the VU busy")
+	}
+	if v.Busy() {
+		t.Fatal("still busy with nothing new since the last look")
+	}
+	got := make([]byte, 1)
+	if !v.TryReadAt(got, 0) || !v.Busy() {
+		t.Fatal("a completed quick read did not make the VU busy")
 	}
 }

@@ -141,9 +141,12 @@ type VU struct {
 	expel func(string, error) error
 	gate  Gate
 	log   zerolog.Logger
-	// appIO counts application requests in flight; engines throttle to
-	// their minimum rate while it is non-zero.
-	appIO atomic.Int64
+	// appIO counts application requests in flight and appDone those
+	// completed; busySeen is appDone when Busy last looked. Engines
+	// throttle to their minimum rate while Busy.
+	appIO    atomic.Int64
+	appDone  atomic.Uint64
+	busySeen atomic.Uint64
 
 	mu      sync.RWMutex
 	members []*member
@@ -312,8 +315,23 @@ func (v *VU) check(off int64, n int64) error {
 
 // ---- writes
 
-// Busy reports application I/O in flight.
-func (v *VU) Busy() bool { return v.appIO.Load() > 0 }
+// Busy reports application I/O in flight or completed since the last call.
+//
+// Requests the NBD reader serves itself (TryWriteAt) are in flight for a
+// few microseconds each, so a sample of appIO alone would mostly miss a
+// busy application: any request completed since the previous call counts
+// too. The engines call Busy once per chunk.
+func (v *VU) Busy() bool {
+	done := v.appDone.Load()
+	return v.busySeen.Swap(done) != done || v.appIO.Load() > 0
+}
+
+func (v *VU) beginAppIO() { v.appIO.Add(1) }
+
+func (v *VU) endAppIO() {
+	v.appIO.Add(-1)
+	v.appDone.Add(1)
+}
 
 // beginWrite passes the gate; endWrite must follow once it succeeded.
 func (v *VU) beginWrite(off, n int64) error {
@@ -337,8 +355,8 @@ func (v *VU) WriteAt(p []byte, off int64, fua bool) error {
 	if err := v.check(off, int64(len(p))); err != nil {
 		return err
 	}
-	v.appIO.Add(1)
-	defer v.appIO.Add(-1)
+	v.beginAppIO()
+	defer v.endAppIO()
 	if err := v.beginWrite(off, int64(len(p))); err != nil {
 		return err
 	}
@@ -363,8 +381,8 @@ func (v *VU) Zero(off, n int64, fua bool) error {
 	if err := v.check(off, n); err != nil {
 		return err
 	}
-	v.appIO.Add(1)
-	defer v.appIO.Add(-1)
+	v.beginAppIO()
+	defer v.endAppIO()
 	if err := v.beginWrite(off, n); err != nil {
 		return err
 	}
@@ -506,8 +524,8 @@ func (v *VU) TryWriteAt(p []byte, off int64) (done bool, err error) {
 			return false, nil
 		}
 	}
-	v.appIO.Add(1)
-	defer v.appIO.Add(-1)
+	v.beginAppIO()
+	defer v.endAppIO()
 	defer v.endWrite(off, n)
 	errs := errsBuf[:0]
 	if len(ms) > maxFanout {
@@ -558,8 +576,8 @@ func (v *VU) ReadAt(p []byte, off int64) error {
 	if err := v.check(off, int64(len(p))); err != nil {
 		return err
 	}
-	v.appIO.Add(1)
-	defer v.appIO.Add(-1)
+	v.beginAppIO()
+	defer v.endAppIO()
 	v.mu.RLock()
 	merge, master := v.merge, v.master
 	v.mu.RUnlock()
@@ -619,11 +637,11 @@ func (v *VU) TryReadAt(p []byte, off int64) bool {
 	if !ok {
 		return false
 	}
-	v.appIO.Add(1)
+	v.beginAppIO()
 	m.inflight.Add(1)
 	ok = q.TryReadAt(p, off)
 	m.inflight.Add(-1)
-	v.appIO.Add(-1)
+	v.endAppIO()
 	return ok
 }
 
