@@ -50,7 +50,7 @@ func (g *countingGate) TryBeginWrite(off, n int64) bool {
 	}
 	return g.allow
 }
-func (g *countingGate) EndWrite(off, n int64)      { g.ends.Add(1) }
+func (g *countingGate) EndWrite(off, n int64)     { g.ends.Add(1) }
 func (g *countingGate) BeginFlush() func(ok bool) { return func(bool) {} }
 
 func quickVU(t *testing.T, g Gate, expel func(string, error) error, devs ...Device) *VU {
