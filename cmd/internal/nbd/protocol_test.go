@@ -87,6 +87,14 @@ func (g *gate) waitHeld(t testing.TB, n int) {
 	}
 }
 
+// holdOffsetZero is a gate that holds only the calls at offset 0.
+func (g *gate) holdOffsetZero(off int64) <-chan struct{} {
+	if off == 0 {
+		return g.hold(off)
+	}
+	return nil
+}
+
 func (g *gate) open() { g.once.Do(func() { close(g.ch) }) }
 
 // openOnCleanup must be called after startTestServer, so that it runs
@@ -566,12 +574,7 @@ func TestConcurrentRequestsOutOfOrder(t *testing.T) {
 	b := newMemBackend(testExportSize)
 	b.Fill(0, pattern(testExportSize, 3))
 	release := newGate()
-	b.readGate = func(off int64) <-chan struct{} {
-		if off == 0 {
-			return release.hold(off)
-		}
-		return nil
-	}
+	b.readGate = release.holdOffsetZero
 	ts := startTestServer(t, testOptions(t), Export{Name: "DSA1", Backend: b})
 	release.openOnCleanup(t)
 	c, _ := ts.goClient(t, "DSA1")

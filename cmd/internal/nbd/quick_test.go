@@ -12,12 +12,7 @@ func TestQuickPathAroundAHeldRequest(t *testing.T) {
 	b := newMemBackend(testExportSize)
 	b.Fill(0, pattern(testExportSize, 5))
 	release := newGate()
-	b.writeGate = func(off int64) <-chan struct{} {
-		if off == 0 {
-			return release.hold(off)
-		}
-		return nil
-	}
+	b.writeGate = release.holdOffsetZero
 	b.quickDecline = func(op string, off int64) bool { return off == 0 }
 	ts := startTestServer(t, testOptions(t), Export{Name: "DSA1", Backend: b})
 	release.openOnCleanup(t)
