@@ -87,6 +87,24 @@ func (g *gate) waitHeld(t testing.TB, n int) {
 	}
 }
 
+// expectReplies reads one successful reply per entry of want (cookie →
+// the data a READ must return, nil for other requests), in any order.
+// The held request, whose cookie is not in want, must not be among them.
+func expectReplies(t *testing.T, c *testClient, want map[uint64][]byte) {
+	t.Helper()
+	for range len(want) {
+		r := must(c.readReply())(t)
+		w, ok := want[r.Cookie]
+		if !ok {
+			t.Fatalf("unexpected or duplicate reply cookie %d (the held request?)", r.Cookie)
+		}
+		delete(want, r.Cookie)
+		if r.Error != 0 || !bytes.Equal(r.Data, w) {
+			t.Fatalf("reply %d: error %d, data right: %v", r.Cookie, r.Error, bytes.Equal(r.Data, w))
+		}
+	}
+}
+
 // holdOffsetZero is a gate that holds only the calls at offset 0.
 func (g *gate) holdOffsetZero(off int64) <-chan struct{} {
 	if off == 0 {
@@ -593,17 +611,7 @@ func TestConcurrentRequestsOutOfOrder(t *testing.T) {
 			check(t, c.sendRequest(0, cmdRead, i, off, 4096, nil))
 		}
 	}
-	for range n {
-		r := must(c.readReply())(t)
-		want, ok := expect[r.Cookie]
-		if !ok {
-			t.Fatalf("unexpected or duplicate reply cookie %d (the held read?)", r.Cookie)
-		}
-		delete(expect, r.Cookie)
-		if r.Error != 0 || !bytes.Equal(r.Data, want) {
-			t.Fatalf("reply %d: error %d, data ok %v", r.Cookie, r.Error, bytes.Equal(r.Data, want))
-		}
-	}
+	expectReplies(t, c, expect)
 	release.open()
 	r := must(c.readReply())(t)
 	if r.Cookie != 0 || r.Error != 0 || !bytes.Equal(r.Data, pattern(testExportSize, 3)[:4096]) {

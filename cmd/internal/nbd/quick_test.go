@@ -32,17 +32,7 @@ func TestQuickPathAroundAHeldRequest(t *testing.T) {
 			want[i] = pattern(testExportSize, 5)[off : off+4096]
 		}
 	}
-	for range n {
-		r := must(c.readReply())(t)
-		w, ok := want[r.Cookie]
-		if !ok {
-			t.Fatalf("unexpected or duplicate reply %d (the held write?)", r.Cookie)
-		}
-		delete(want, r.Cookie)
-		if r.Error != 0 || !bytes.Equal(r.Data, w) {
-			t.Fatalf("reply %d: error %d, data right: %v", r.Cookie, r.Error, bytes.Equal(r.Data, w))
-		}
-	}
+	expectReplies(t, c, want)
 	if got := b.quickReads.Load() + b.quickWrites.Load(); got != n {
 		t.Fatalf("%d requests took the quick path, want %d", got, n)
 	}
