@@ -424,3 +424,41 @@ func TestBitmapFencePending(t *testing.T) {
 		t.Error("after the fence passed chunk 3: chunk 3 must be settled, chunk 10 still owed")
 	}
 }
+
+// TestLoggedDeviceQuickWrites: a member with a write log takes a write
+// from memory only once the write's extent is durable in the log; before
+// that it declines without writing anything, so the reader hands the
+// write to a worker, which waits for the log.
+func TestLoggedDeviceQuickWrites(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "m1")
+	makeMember(t, p)
+	dev, err := device.Open(p, device.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ld, err := attachLog(dev, testData, false, &logState{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ld.Close()
+	data := bytes.Repeat([]byte{7}, 4096)
+	if ok, err := ld.TryWriteAt(data, 8192); ok || err != nil {
+		t.Fatalf("TryWriteAt to an extent not yet logged = %v, %v; want a decline", ok, err)
+	}
+	got := make([]byte, 4096)
+	if _, err := ld.ReadAt(got, 8192); err != nil || bytes.Equal(got, data) {
+		t.Fatalf("a declined TryWriteAt wrote data (err %v)", err)
+	}
+	if _, err := ld.WriteAt(data, 0); err != nil { // logs the extent
+		t.Fatal(err)
+	}
+	if ok, err := ld.TryWriteAt(data, 8192); !ok || err != nil {
+		t.Fatalf("TryWriteAt to a logged extent = %v, %v", ok, err)
+	}
+	if !ld.TryReadAt(got, 8192) || !bytes.Equal(got, data) {
+		t.Fatal("TryReadAt after the quick write")
+	}
+	if s := ld.log.Stats(); s.Set != 1 || s.Misses != 1 {
+		t.Fatalf("log stats %+v: the quick write should have found its extent set", s)
+	}
+}
