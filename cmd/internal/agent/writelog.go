@@ -69,6 +69,13 @@ func (d *loggedDevice) TryWriteAt(p []byte, off int64) (bool, error) {
 	return q.TryWriteAt(p, off)
 }
 
+// QuickWrites (device.Quick) is the member's: the log declines only for a
+// while, until the extent is logged.
+func (d *loggedDevice) QuickWrites() bool {
+	q, ok := d.Device.(device.Quick)
+	return ok && q.QuickWrites()
+}
+
 // TryReadAt (device.Quick): reads do not involve the log.
 func (d *loggedDevice) TryReadAt(p []byte, off int64) bool {
 	q, ok := d.Device.(device.Quick)

@@ -14,6 +14,10 @@ import (
 // much CPU per 4 KiB write as the write itself. The os device implements
 // it for buffered I/O; find it with a type assertion (dev.(Quick)).
 type Quick interface {
+	// QuickWrites reports whether TryWriteAt can ever succeed here, so
+	// that a request touching several devices can decline before writing
+	// any of them.
+	QuickWrites() bool
 	// TryWriteAt writes p at off when the write will land in memory (the
 	// page cache) without waiting for the disk. false: nothing was
 	// written, use WriteAt. When it returns true, err is WriteAt's.
@@ -29,6 +33,9 @@ type Quick interface {
 type quickState struct {
 	noReadNoWait atomic.Bool
 }
+
+// QuickWrites is false for O_DIRECT: every write waits for the disk.
+func (d *osDevice) QuickWrites() bool { return !d.direct }
 
 // TryWriteAt writes through the page cache: buffered writes wait for the
 // disk only under writeback pressure, which the kernel applies to every

@@ -15,7 +15,7 @@ func TestQuickBuffered(t *testing.T) {
 	p := newFile(t, 1<<20)
 	d := mustOpen(t, p, Options{})
 	q, ok := d.(Quick)
-	if !ok {
+	if !ok || !q.QuickWrites() {
 		t.Fatal("a buffered os device has no quick path")
 	}
 	data := pattern(1, 8192)
@@ -56,6 +56,9 @@ func TestQuickBuffered(t *testing.T) {
 func TestQuickDirectDeclines(t *testing.T) {
 	d := mustOpen(t, newFile(t, 1<<20), Options{Direct: true})
 	q := d.(Quick)
+	if q.QuickWrites() {
+		t.Fatal("a direct device claims quick writes")
+	}
 	buf := AlignedBuffer(4096, 4096)
 	if ok, err := q.TryWriteAt(buf, 0); ok || err != nil {
 		t.Fatalf("direct TryWriteAt = %v, %v; want a decline", ok, err)

@@ -10,17 +10,19 @@ import (
 )
 
 // quickDev is a memDev with the device.Quick fast path; decline makes it
-// answer "would wait".
+// answer "would wait", direct makes it a device that always would.
 type quickDev struct {
 	*memDev
-	decline     bool
-	quickWrites atomic.Int64
+	decline, direct bool
+	quickWrites     atomic.Int64
 }
+
+func (q *quickDev) QuickWrites() bool { return !q.direct }
 
 func newQuick(path string) *quickDev { return &quickDev{memDev: newMem(path, size)} }
 
 func (q *quickDev) TryWriteAt(p []byte, off int64) (bool, error) {
-	if q.decline {
+	if q.decline || q.direct {
 		return false, nil
 	}
 	q.quickWrites.Add(1)
@@ -111,6 +113,12 @@ func TestTryWriteAtDeclinesWithoutEffect(t *testing.T) {
 			a, b := newQuick("a"), newMem("b", size)
 			g := &countingGate{allow: true}
 			return quickVU(t, g, nil, a, b), g, []*memDev{a.memDev, b}
+		},
+		"second member always waits (direct I/O)": func(t *testing.T) (*VU, *countingGate, []*memDev) {
+			a, b := newQuick("a"), newQuick("b")
+			b.direct = true
+			g := &countingGate{allow: true}
+			return quickVU(t, g, nil, a, b), g, []*memDev{a.memDev, b.memDev}
 		},
 		"first member would wait": func(t *testing.T) (*VU, *countingGate, []*memDev) {
 			a, b := newQuick("a"), newQuick("b")

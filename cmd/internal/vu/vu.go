@@ -519,7 +519,7 @@ func (v *VU) TryWriteAt(p []byte, off int64) (done bool, err error) {
 	var errsBuf [maxFanout]error
 	ms, roles := v.writeTargets(msBuf[:0], rolesBuf[:0])
 	for _, m := range ms {
-		if _, ok := m.dev.(device.Quick); !ok {
+		if q, ok := m.dev.(device.Quick); !ok || !q.QuickWrites() {
 			v.endWrite(off, n)
 			return false, nil
 		}
