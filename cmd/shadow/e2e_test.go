@@ -323,6 +323,32 @@ func TestE2EFioVerifyAndOverlappingWrites(t *testing.T) {
 		"--iodepth=16", "--numjobs=2", "--size=4m", "--io_size=32m", "--norandommap")
 	h.stop()
 	sameData(t, size, m1, m2)
+	// 4 KiB requests on a buffered set take the reader's quick path: the
+	// test above must have exercised it, not only the workers.
+	requests, quick := nbdCounts(t, h.log.String())
+	if quick == 0 || quick > requests {
+		t.Fatalf("%d of %d NBD requests took the quick path", quick, requests)
+	}
+	t.Logf("%d of %d NBD requests took the quick path", quick, requests)
+}
+
+// nbdCounts sums the request counters of the agent's "nbd connection
+// closed" log lines. Read the log only once the agent has exited.
+func nbdCounts(t *testing.T, log string) (requests, quick uint64) {
+	t.Helper()
+	for _, line := range strings.Split(log, "\n") {
+		var ev struct {
+			Message  string `json:"message"`
+			Requests uint64 `json:"requests"`
+			Quick    uint64 `json:"quick"`
+		}
+		if json.Unmarshal([]byte(line), &ev) != nil || ev.Message != "nbd connection closed" {
+			continue
+		}
+		requests += ev.Requests
+		quick += ev.Quick
+	}
+	return requests, quick
 }
 
 // TestE2EKillDuringWrites: SIGKILL the agent during fio writes, ten times

@@ -53,8 +53,9 @@ type conn struct {
 	inflight sync.WaitGroup // requests handed to worker goroutines
 	budget   budget
 
-	requests atomic.Uint64 // counters for the close log line
-	failures atomic.Uint64
+	requests    atomic.Uint64 // counters for the close log line
+	failures    atomic.Uint64
+	quickServed atomic.Uint64 // requests the reader served itself
 }
 
 func newConn(s *Server, nc net.Conn, id uint64) *conn {
@@ -128,6 +129,7 @@ func (c *conn) logClose(err error, phase string) {
 	}
 	ev.Str("phase", phase).Str("reason", err.Error()).
 		Uint64("requests", c.requests.Load()).Uint64("failed", c.failures.Load()).
+		Uint64("quick", c.quickServed.Load()).
 		Msg("nbd connection closed")
 }
 

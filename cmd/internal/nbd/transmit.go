@@ -108,6 +108,7 @@ func (c *conn) transmit() (err error) {
 			}
 		}
 		if c.serveQuick(&r) {
+			c.quickServed.Add(1)
 			c.budget.release(payloadBytes)
 			if len(c.batch) >= maxBatch {
 				if err := c.flushBatch(); err != nil {
