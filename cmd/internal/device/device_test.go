@@ -310,10 +310,15 @@ func withReadOnlyDescriptor(t *testing.T) (d *osDevice, restore func()) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	orig := d.f
-	d.f = ro
-	t.Cleanup(func() { d.f = orig; ro.Close() })
-	return d, func() { d.f = orig }
+	roRC, err := ro.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	orig, origRC := d.f, d.rc
+	d.f, d.rc = ro, roRC
+	restore = func() { d.f, d.rc = orig, origRC }
+	t.Cleanup(func() { restore(); ro.Close() })
+	return d, restore
 }
 
 // TestStickyWriteFailure makes a real write fail (the descriptor is

@@ -26,6 +26,7 @@ const rmwStripes = 64
 // osDevice is a Device over an *os.File: a regular file or a block device.
 type osDevice struct {
 	f        *os.File
+	rc       syscall.RawConn // f's, made once: control runs on every quick read
 	path     string
 	size     int64
 	block    bool
@@ -111,7 +112,12 @@ func Open(path string, opts Options) (Device, error) {
 		}
 		return nil, fmt.Errorf("device: open %s: %w", path, err)
 	}
-	d := &osDevice{f: f, path: path, block: block, readOnly: opts.ReadOnly, direct: opts.Direct}
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("device: open %s: %w", path, err)
+	}
+	d := &osDevice{f: f, rc: rc, path: path, block: block, readOnly: opts.ReadOnly, direct: opts.Direct}
 	if err := d.setup(fi); err != nil {
 		f.Close()
 		return nil, err
@@ -227,12 +233,8 @@ func kindOf(m fs.FileMode) string {
 // control runs fn on the file descriptor, holding a reference so a
 // concurrent Close cannot recycle the descriptor under it.
 func (d *osDevice) control(fn func(fd int) error) error {
-	rc, err := d.f.SyscallConn()
-	if err != nil {
-		return err
-	}
 	var ferr error
-	if err := rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
+	if err := d.rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
 		return err
 	}
 	return ferr

@@ -75,6 +75,11 @@ type member struct {
 	role     Role
 	readCost int
 	inflight atomic.Int64
+	// quick is dev's fast path, nil without one; quickWrites says whether
+	// its TryWriteAt can ever succeed. Both are fixed at open, so they
+	// are looked up once, not per request.
+	quick       device.Quick
+	quickWrites bool
 }
 
 // MemberSpec describes a member at construction.
@@ -189,7 +194,11 @@ func (v *VU) addMember(s MemberSpec) error {
 	if role == 0 {
 		role = Full
 	}
-	v.members = append(v.members, &member{dev: s.Dev, role: role, readCost: cost})
+	m := &member{dev: s.Dev, role: role, readCost: cost}
+	if q, ok := s.Dev.(device.Quick); ok {
+		m.quick, m.quickWrites = q, q.QuickWrites()
+	}
+	v.members = append(v.members, m)
 	return nil
 }
 
@@ -519,7 +528,7 @@ func (v *VU) TryWriteAt(p []byte, off int64) (done bool, err error) {
 	var errsBuf [maxFanout]error
 	ms, roles := v.writeTargets(msBuf[:0], rolesBuf[:0])
 	for _, m := range ms {
-		if q, ok := m.dev.(device.Quick); !ok || !q.QuickWrites() {
+		if !m.quickWrites {
 			v.endWrite(off, n)
 			return false, nil
 		}
@@ -534,7 +543,7 @@ func (v *VU) TryWriteAt(p []byte, off int64) (done bool, err error) {
 	errs = errs[:len(ms)]
 	for i, m := range ms {
 		m.inflight.Add(1)
-		ok, err := m.dev.(device.Quick).TryWriteAt(p, off)
+		ok, err := m.quick.TryWriteAt(p, off)
 		if !ok && i == 0 {
 			m.inflight.Add(-1)
 			return false, nil // the deferred calls undo the admission
@@ -633,13 +642,12 @@ func (v *VU) TryReadAt(p []byte, off int64) bool {
 	if m == nil {
 		return false
 	}
-	q, ok := m.dev.(device.Quick)
-	if !ok {
+	if m.quick == nil {
 		return false
 	}
 	v.beginAppIO()
 	m.inflight.Add(1)
-	ok = q.TryReadAt(p, off)
+	ok := m.quick.TryReadAt(p, off)
 	m.inflight.Add(-1)
 	v.endAppIO()
 	return ok
