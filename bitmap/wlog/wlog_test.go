@@ -80,6 +80,17 @@ func sweep(t *testing.T, l *wlog.Log, now time.Time, idle time.Duration) {
 	}
 }
 
+// sweepExpect sweeps at time at and checks that n extents stay logged on
+// dev as it is now; why says what a wrong count means. (A dev.durable()
+// argument would be taken before the sweep: check those by hand.)
+func sweepExpect(t *testing.T, l *wlog.Log, dev wlog.Device, region wlog.Region, at time.Time, idle time.Duration, n int, why string) {
+	t.Helper()
+	sweep(t, l, at, idle)
+	if got := extents(t, dev, region, 0); len(got) != n {
+		t.Fatalf("%s: %d extents logged %v, want %d", why, len(got), got, n)
+	}
+}
+
 func extents(t *testing.T, dev wlog.Device, region wlog.Region, volumeSize int64) []uint64 {
 	t.Helper()
 	return mustLoad(t, dev, region, volumeSize).Extents
@@ -183,10 +194,7 @@ func TestSweepClearsAfterFlush(t *testing.T) {
 	now := time.Unix(1000, 0)
 	acquire(t, l, 0, 200*KiB) // extents 0–3
 	l.Release(0, 200*KiB)
-	sweep(t, l, now, 0)
-	if got := extents(t, dev, region, 0); len(got) != 4 {
-		t.Fatalf("cleared with no flush: %v", got)
-	}
+	sweepExpect(t, l, dev, region, now, 0, 4, "cleared with no flush")
 	flush(l)
 	sweep(t, l, now, 0)
 	if got := extents(t, dev.durable(), region, 0); len(got) != 0 {
@@ -212,20 +220,11 @@ func TestSweepKeeps(t *testing.T) {
 		acquire(t, l, 0, 1)
 		l.Release(0, 1) // one of the two
 		flush(l)
-		sweep(t, l, t0, 0)
-		if got := extents(t, dev, region, 0); len(got) != 1 {
-			t.Fatalf("cleared under a write in flight: %v", got)
-		}
+		sweepExpect(t, l, dev, region, t0, 0, 1, "cleared under a write in flight")
 		l.Release(0, 1)
-		sweep(t, l, t0, 0)
-		if got := extents(t, dev, region, 0); len(got) != 1 {
-			t.Fatalf("cleared a write no flush covers: %v", got)
-		}
+		sweepExpect(t, l, dev, region, t0, 0, 1, "cleared a write no flush covers")
 		flush(l)
-		sweep(t, l, t0, 0)
-		if got := extents(t, dev, region, 0); len(got) != 0 {
-			t.Fatalf("not cleared: %v", got)
-		}
+		sweepExpect(t, l, dev, region, t0, 0, 0, "not cleared")
 	})
 	t.Run("released after the flush began", func(t *testing.T) {
 		dev, region, l := setup(t)
@@ -233,15 +232,9 @@ func TestSweepKeeps(t *testing.T) {
 		seq := l.FlushBegin()
 		l.Release(0, 1)
 		l.FlushDone(seq, true)
-		sweep(t, l, t0, 0)
-		if got := extents(t, dev, region, 0); len(got) != 1 {
-			t.Fatalf("cleared a write that completed after the flush was issued: %v", got)
-		}
+		sweepExpect(t, l, dev, region, t0, 0, 1, "cleared a write that completed after the flush was issued")
 		flush(l)
-		sweep(t, l, t0, 0)
-		if got := extents(t, dev, region, 0); len(got) != 0 {
-			t.Fatalf("not cleared: %v", got)
-		}
+		sweepExpect(t, l, dev, region, t0, 0, 0, "not cleared")
 	})
 	t.Run("flushes completing out of order", func(t *testing.T) {
 		dev, region, l := setup(t)
@@ -251,10 +244,7 @@ func TestSweepKeeps(t *testing.T) {
 		s2 := l.FlushBegin()
 		l.FlushDone(s2, true)
 		l.FlushDone(s1, true) // late: must not lower what s2 covered
-		sweep(t, l, t0, 0)
-		if got := extents(t, dev, region, 0); len(got) != 0 {
-			t.Fatalf("not cleared after s2: %v", got)
-		}
+		sweepExpect(t, l, dev, region, t0, 0, 0, "not cleared after s2")
 	})
 	t.Run("idle", func(t *testing.T) {
 		dev, region, l := setup(t)
@@ -272,18 +262,9 @@ func TestSweepKeeps(t *testing.T) {
 		acquire(t, l, 1, 1)
 		l.Release(1, 1)
 		flush(l)
-		sweep(t, l, t0.Add(idle), idle)
-		if got := extents(t, dev, region, 0); len(got) != 1 {
-			t.Fatal("cleared although written since the extent was first seen idle")
-		}
-		sweep(t, l, t0.Add(2*idle-time.Nanosecond), idle)
-		if got := extents(t, dev, region, 0); len(got) != 1 {
-			t.Fatal("cleared before a full idle period after the last write")
-		}
-		sweep(t, l, t0.Add(2*idle), idle)
-		if got := extents(t, dev, region, 0); len(got) != 0 {
-			t.Fatalf("not cleared after idle: %v", got)
-		}
+		sweepExpect(t, l, dev, region, t0.Add(idle), idle, 1, "cleared although written since the extent was first seen idle")
+		sweepExpect(t, l, dev, region, t0.Add(2*idle-time.Nanosecond), idle, 1, "cleared before a full idle period after the last write")
+		sweepExpect(t, l, dev, region, t0.Add(2*idle), idle, 0, "not cleared after idle")
 	})
 	t.Run("failed flush", func(t *testing.T) {
 		dev, region, l := setup(t)
@@ -456,10 +437,7 @@ func TestAcquireCanceled(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	flush(l)
-	sweep(t, l, time.Unix(0, 0), 0)
-	if got := extents(t, dev, region, 0); len(got) != 0 {
-		t.Fatalf("after flush and sweep: %v (the canceled acquire leaked a count?)", got)
-	}
+	sweepExpect(t, l, dev, region, time.Unix(0, 0), 0, 0, "after flush and sweep: %v (the canceled acquire leaked a count?)")
 	if err := l.Acquire(ctx, 128*KiB, 1); !errors.Is(err, context.Canceled) {
 		t.Fatalf("acquire with a canceled context: %v", err)
 	}

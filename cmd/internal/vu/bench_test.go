@@ -58,12 +58,18 @@ func BenchmarkWriteOneDevice(b *testing.B) {
 	sixteenWriters(b, func(buf []byte, off int64) error { _, err := d.WriteAt(buf, off); return err })
 }
 
-func BenchmarkWriteVUTwoMembers(b *testing.B) {
+// twoFileVU is a VU over two fresh 256 MiB files.
+func twoFileVU(b *testing.B) *VU {
 	v, err := New(Config{Name: "DSA1", Size: 256 << 20, Logger: zerolog.Nop(),
 		Members: []MemberSpec{{Dev: benchFile(b, "a"), Role: Full}, {Dev: benchFile(b, "b"), Role: Full}}})
 	if err != nil {
 		b.Fatal(err)
 	}
+	return v
+}
+
+func BenchmarkWriteVUTwoMembers(b *testing.B) {
+	v := twoFileVU(b)
 	sixteenWriters(b, func(buf []byte, off int64) error { return v.WriteAt(buf, off, false) })
 }
 
@@ -75,10 +81,6 @@ func BenchmarkReadOneDevice(b *testing.B) {
 }
 
 func BenchmarkReadVUTwoMembers(b *testing.B) {
-	v, err := New(Config{Name: "DSA1", Size: 256 << 20, Logger: zerolog.Nop(),
-		Members: []MemberSpec{{Dev: benchFile(b, "a"), Role: Full}, {Dev: benchFile(b, "b"), Role: Full}}})
-	if err != nil {
-		b.Fatal(err)
-	}
+	v := twoFileVU(b)
 	sixteenWriters(b, func(buf []byte, off int64) error { return v.ReadAt(buf, off) })
 }

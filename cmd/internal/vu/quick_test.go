@@ -5,8 +5,6 @@ import (
 	"errors"
 	"sync/atomic"
 	"testing"
-
-	"github.com/rs/zerolog"
 )
 
 // quickDev is a memDev with the device.Quick fast path; decline makes it
@@ -55,23 +53,10 @@ func (g *countingGate) TryBeginWrite(off, n int64) bool {
 func (g *countingGate) EndWrite(off, n int64)     { g.ends.Add(1) }
 func (g *countingGate) BeginFlush() func(ok bool) { return func(bool) {} }
 
-func quickVU(t *testing.T, g Gate, expel func(string, error) error, devs ...Device) *VU {
-	t.Helper()
-	var specs []MemberSpec
-	for _, d := range devs {
-		specs = append(specs, MemberSpec{Dev: d, Role: Full})
-	}
-	v, err := New(Config{Name: "DSA1", Size: size, Members: specs, Gate: g, Expel: expel, Logger: zerolog.Nop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return v
-}
-
 func TestTryWriteAtWritesEveryMemberInTurn(t *testing.T) {
 	a, b := newQuick("a"), newQuick("b")
 	g := &countingGate{allow: true}
-	v := quickVU(t, g, nil, a, b)
+	v := vuOf(t, g, nil, a, b)
 	done, err := v.TryWriteAt([]byte("hello"), 4096)
 	if !done || err != nil {
 		t.Fatalf("TryWriteAt = %v, %v", done, err)
@@ -107,29 +92,29 @@ func TestTryWriteAtDeclinesWithoutEffect(t *testing.T) {
 		"gate would wait": func(t *testing.T) (*VU, *countingGate, []*memDev) {
 			a, b := newQuick("a"), newQuick("b")
 			g := &countingGate{}
-			return quickVU(t, g, nil, a, b), g, []*memDev{a.memDev, b.memDev}
+			return vuOf(t, g, nil, a, b), g, []*memDev{a.memDev, b.memDev}
 		},
 		"member without a quick path": func(t *testing.T) (*VU, *countingGate, []*memDev) {
 			a, b := newQuick("a"), newMem("b", size)
 			g := &countingGate{allow: true}
-			return quickVU(t, g, nil, a, b), g, []*memDev{a.memDev, b}
+			return vuOf(t, g, nil, a, b), g, []*memDev{a.memDev, b}
 		},
 		"second member always waits (direct I/O)": func(t *testing.T) (*VU, *countingGate, []*memDev) {
 			a, b := newQuick("a"), newQuick("b")
 			b.direct = true
 			g := &countingGate{allow: true}
-			return quickVU(t, g, nil, a, b), g, []*memDev{a.memDev, b.memDev}
+			return vuOf(t, g, nil, a, b), g, []*memDev{a.memDev, b.memDev}
 		},
 		"first member would wait": func(t *testing.T) (*VU, *countingGate, []*memDev) {
 			a, b := newQuick("a"), newQuick("b")
 			a.decline = true
 			g := &countingGate{allow: true}
-			return quickVU(t, g, nil, a, b), g, []*memDev{a.memDev, b.memDev}
+			return vuOf(t, g, nil, a, b), g, []*memDev{a.memDev, b.memDev}
 		},
 		"overlapping request in flight": func(t *testing.T) (*VU, *countingGate, []*memDev) {
 			a, b := newQuick("a"), newQuick("b")
 			g := &countingGate{allow: true}
-			v := quickVU(t, g, nil, a, b)
+			v := vuOf(t, g, nil, a, b)
 			t.Cleanup(v.Lock(4000, 200)) // a merge chunk, say
 			return v, g, []*memDev{a.memDev, b.memDev}
 		},
@@ -159,7 +144,7 @@ func TestTryWriteAtDeclinesWithoutEffect(t *testing.T) {
 func TestTryWriteAtExpelsAFailingMember(t *testing.T) {
 	a, b := newQuick("a"), newQuick("b")
 	var expelled []string
-	v := quickVU(t, &countingGate{allow: true}, func(p string, err error) error {
+	v := vuOf(t, &countingGate{allow: true}, func(p string, err error) error {
 		expelled = append(expelled, p)
 		return nil
 	}, a, b)
@@ -184,7 +169,7 @@ func TestTryWriteAtExpelsAFailingMember(t *testing.T) {
 // quick path never does.
 func TestTryReadAtLeavesMergeReadsToReadAt(t *testing.T) {
 	a, b := newQuick("a"), newQuick("b")
-	v := quickVU(t, nil, nil, a, b)
+	v := vuOf(t, nil, nil, a, b)
 	copy(a.data[8192:], "AAA")
 	copy(b.data[8192:], "BBB")
 	f := &fence{}
@@ -213,7 +198,7 @@ func TestTryReadAtLeavesMergeReadsToReadAt(t *testing.T) {
 // TestBusySeesQuickRequests: a request served in microseconds is over
 // before an engine looks, but it still makes the next look busy, once.
 func TestBusySeesQuickRequests(t *testing.T) {
-	v := quickVU(t, &countingGate{allow: true}, nil, newQuick("a"), newQuick("b"))
+	v := vuOf(t, &countingGate{allow: true}, nil, newQuick("a"), newQuick("b"))
 	if v.Busy() {
 		t.Fatal("busy before any request")
 	}

@@ -72,11 +72,21 @@ const size = 1 << 20
 
 func newVU(t *testing.T, expel func(string, error) error, devs ...*memDev) *VU {
 	t.Helper()
+	var ds []Device
+	for _, d := range devs {
+		ds = append(ds, d)
+	}
+	return vuOf(t, nil, expel, ds...)
+}
+
+// vuOf builds DSA1 of size bytes over devs, all full members.
+func vuOf(t testing.TB, g Gate, expel func(string, error) error, devs ...Device) *VU {
+	t.Helper()
 	var specs []MemberSpec
 	for _, d := range devs {
 		specs = append(specs, MemberSpec{Dev: d, Role: Full})
 	}
-	v, err := New(Config{Name: "DSA1", Size: size, Members: specs, Expel: expel, Logger: zerolog.Nop()})
+	v, err := New(Config{Name: "DSA1", Size: size, Members: specs, Gate: g, Expel: expel, Logger: zerolog.Nop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -334,11 +344,7 @@ func (g *testGate) BeginFlush() func(bool) {
 func TestWriteGateRunsBeforeMembersAndCanRefuse(t *testing.T) {
 	a, b := newMem("a", size), newMem("b", size)
 	g := &testGate{t: t, dev: a}
-	v, err := New(Config{Name: "DSA1", Size: size, Members: []MemberSpec{{Dev: a, Role: Full}, {Dev: b, Role: Full}},
-		Logger: zerolog.Nop(), Gate: g})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := vuOf(t, g, nil, a, b)
 	if err := v.WriteAt([]byte("x"), 0, false); err != nil {
 		t.Fatal(err)
 	}
@@ -358,11 +364,7 @@ func TestWriteGateRunsBeforeMembersAndCanRefuse(t *testing.T) {
 func TestFlushGateSeesOutcome(t *testing.T) {
 	a, b := newMem("a", size), newMem("b", size)
 	g := &testGate{t: t, dev: a}
-	v, err := New(Config{Name: "DSA1", Size: size, Members: []MemberSpec{{Dev: a, Role: Full}, {Dev: b, Role: Full}},
-		Logger: zerolog.Nop(), Gate: g})
-	if err != nil {
-		t.Fatal(err)
-	}
+	v := vuOf(t, g, nil, a, b)
 	if err := v.Flush(); err != nil {
 		t.Fatal(err)
 	}
