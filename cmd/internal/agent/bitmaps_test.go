@@ -74,6 +74,25 @@ func sameMembers(t *testing.T, a *Agent, msg string, m1, m2 string) {
 	}
 }
 
+// minicopyBack mounts member back into DSA1, which must bring it back by
+// minicopy, waits for the copy and returns what it did.
+func minicopyBack(t *testing.T, a *Agent, member string) OpWorkShow {
+	t.Helper()
+	res, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{member}, Policy: "minicopy"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Minicopies) != 1 {
+		t.Fatalf("mount result %+v: want a minicopy", res)
+	}
+	waitIdle(t, a, "DSA1")
+	w := lastCompleted(t, a)
+	if w.Kind != "minicopy" {
+		t.Fatalf("completed %+v, want a minicopy", w)
+	}
+	return w
+}
+
 func lastCompleted(t *testing.T, a *Agent) OpWorkShow {
 	t.Helper()
 	r, err := a.Show("DSA1")
@@ -100,16 +119,8 @@ func TestMinicopyCopiesExactlyTheChunksWritten(t *testing.T) {
 	if len(r.Sets[0].Minicopy) != 1 || r.Sets[0].Minicopy[0].Chunks != uint64(len(written)) {
 		t.Fatalf("minicopy bitmaps %+v, want one of %d chunks", r.Sets[0].Minicopy, len(written))
 	}
-	res, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m2}, Policy: "minicopy"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(res.Minicopies) != 1 {
-		t.Fatalf("mount result %+v: want a minicopy", res)
-	}
-	waitIdle(t, a, "DSA1")
-	w := lastCompleted(t, a)
-	if w.Kind != "minicopy" || w.BitmapChunks != uint64(len(written)) || w.ChunksDone != uint64(len(written)) {
+	w := minicopyBack(t, a, m2)
+	if w.BitmapChunks != uint64(len(written)) || w.ChunksDone != uint64(len(written)) {
 		t.Fatalf("completed %+v, want a minicopy of exactly %d chunks", w, len(written))
 	}
 	if r, _ := a.Show("DSA1"); len(r.Sets[0].Minicopy) != 0 {
@@ -253,15 +264,7 @@ func TestExpelledMemberComesBackByMinicopy(t *testing.T) {
 	}
 	// The fault is repaired; the member comes back.
 	faulty()[m2].Inject(nil)
-	res, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m2}, Policy: "minicopy"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(res.Minicopies) != 1 {
-		t.Fatalf("mount result %+v: want a minicopy", res)
-	}
-	waitIdle(t, a, "DSA1")
-	if w := lastCompleted(t, a); w.Kind != "minicopy" || w.ChunksDone != mc.bm.Count() {
+	if w := minicopyBack(t, a, m2); w.ChunksDone != mc.bm.Count() {
 		t.Fatalf("completed %+v, want a minicopy of %d chunks", w, mc.bm.Count())
 	}
 	if err := v.Flush(); err != nil {
