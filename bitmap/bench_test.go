@@ -94,16 +94,21 @@ func BenchmarkSinceFlush(b *testing.B) {
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
-		off := offs[i%benchOffsets]
-		s.Issued(off, benchWrite)
-		s.Completed(off, benchWrite)
 		i++
-		if i%1024 == 0 {
-			if err := s.FlushDone(s.FlushBegin(), true); err != nil {
-				b.Fatal(err)
-			}
+		if err := sinceFlushStep(s, offs[i%benchOffsets], i); err != nil {
+			b.Fatal(err)
 		}
 	}
+}
+
+// sinceFlushStep plays the i-th write, at off, and a flush every 1024.
+func sinceFlushStep(s *SinceFlush, off int64, i int) error {
+	s.Issued(off, benchWrite)
+	s.Completed(off, benchWrite)
+	if i%1024 == 0 {
+		return s.FlushDone(s.FlushBegin(), true)
+	}
+	return nil
 }
 
 func BenchmarkSinceFlushParallel(b *testing.B) {
@@ -113,15 +118,10 @@ func BenchmarkSinceFlushParallel(b *testing.B) {
 	b.RunParallel(func(pb *testing.PB) {
 		i := rand.IntN(benchOffsets)
 		for pb.Next() {
-			off := offs[i%benchOffsets]
-			s.Issued(off, benchWrite)
-			s.Completed(off, benchWrite)
 			i++
-			if i%1024 == 0 {
-				if err := s.FlushDone(s.FlushBegin(), true); err != nil {
-					b.Error(err)
-					return
-				}
+			if err := sinceFlushStep(s, offs[i%benchOffsets], i); err != nil {
+				b.Error(err)
+				return
 			}
 		}
 	})
