@@ -150,7 +150,7 @@ func masterMember(ms []vu.MemberInfo) string {
 func (a *Agent) plan(ctx context.Context, vol *volume, act shadowset.Action, work *bitmap.Bitmap, record func(lbn uint64)) walk.Plan {
 	p := walk.Plan{
 		Size: vol.size, StartLBN: act.LBN, Lock: vol.vu.Lock,
-		MinRate: a.cfg.MinRate, MaxRate: a.cfg.MaxRate, Busy: vol.vu.Busy,
+		MinRate: a.cfg.MinRate, MaxRate: a.cfg.MaxRate, Busy: vol.vu.BusyProbe(),
 		Progress: func(lbn uint64) {
 			record(lbn)
 			if lbn < uint64(vol.size/meta.LBNSize) {

@@ -134,7 +134,7 @@ func TestTryWriteAtDeclinesWithoutEffect(t *testing.T) {
 			if g.begun.Load() != g.ends.Load() {
 				t.Fatalf("gate: %d admitted, %d ended", g.begun.Load(), g.ends.Load())
 			}
-			if v.appIO.Load() != 0 {
+			if v.Busy() {
 				t.Fatal("application I/O still counted in flight")
 			}
 		})
@@ -195,24 +195,32 @@ func TestTryReadAtLeavesMergeReadsToReadAt(t *testing.T) {
 	}
 }
 
-// TestBusySeesQuickRequests: a request served in microseconds is over
-// before an engine looks, but it still makes the next look busy, once.
-func TestBusySeesQuickRequests(t *testing.T) {
+// TestBusyProbeSeesQuickRequests: a request served in microseconds is
+// over before an engine looks, but it still makes that engine's next look
+// busy, once; another engine's probe sees it too.
+func TestBusyProbeSeesQuickRequests(t *testing.T) {
 	v := vuOf(t, &countingGate{allow: true}, nil, newQuick("a"), newQuick("b"))
-	if v.Busy() {
+	merge, cp := v.BusyProbe(), v.BusyProbe()
+	if merge() || cp() {
 		t.Fatal("busy before any request")
 	}
 	if done, err := v.TryWriteAt([]byte("x"), 0); !done || err != nil {
 		t.Fatal(done, err)
 	}
-	if !v.Busy() {
-		t.Fatal("a completed quick write did not make the VU busy")
-	}
 	if v.Busy() {
+		t.Fatal("Busy counts a completed request as in flight")
+	}
+	if !merge() {
+		t.Fatal("a completed quick write did not make the probe busy")
+	}
+	if merge() {
 		t.Fatal("still busy with nothing new since the last look")
 	}
+	if !cp() {
+		t.Fatal("one probe's look hid the write from the other")
+	}
 	got := make([]byte, 1)
-	if !v.TryReadAt(got, 0) || !v.Busy() {
-		t.Fatal("a completed quick read did not make the VU busy")
+	if !v.TryReadAt(got, 0) || !merge() {
+		t.Fatal("a completed quick read did not make the probe busy")
 	}
 }

@@ -147,11 +147,10 @@ type VU struct {
 	gate  Gate
 	log   zerolog.Logger
 	// appIO counts application requests in flight and appDone those
-	// completed; busySeen is appDone when Busy last looked. Engines
-	// throttle to their minimum rate while Busy.
-	appIO    atomic.Int64
-	appDone  atomic.Uint64
-	busySeen atomic.Uint64
+	// completed; engines throttle to their minimum rate while their
+	// BusyProbe says so.
+	appIO   atomic.Int64
+	appDone atomic.Uint64
 
 	mu      sync.RWMutex
 	members []*member
@@ -324,15 +323,24 @@ func (v *VU) check(off int64, n int64) error {
 
 // ---- writes
 
-// Busy reports application I/O in flight or completed since the last call.
-//
-// Requests the NBD reader serves itself (TryWriteAt) are in flight for a
-// few microseconds each, so a sample of appIO alone would mostly miss a
-// busy application: any request completed since the previous call counts
-// too. The engines call Busy once per chunk.
-func (v *VU) Busy() bool {
-	done := v.appDone.Load()
-	return v.busySeen.Swap(done) != done || v.appIO.Load() > 0
+// Busy reports application I/O in flight.
+func (v *VU) Busy() bool { return v.appIO.Load() > 0 }
+
+// BusyProbe returns the "is the application busy?" test for one engine
+// run (merge or copy), called once per chunk from that run only. It also
+// counts requests completed since its previous call: requests the NBD
+// reader serves itself (TryWriteAt) are in flight for microseconds, so
+// sampling Busy alone would mostly miss a busy application. Each run has
+// its own probe, so two engines on one VU do not take each other's
+// observations.
+func (v *VU) BusyProbe() func() bool {
+	seen := v.appDone.Load()
+	return func() bool {
+		done := v.appDone.Load()
+		busy := done != seen || v.appIO.Load() > 0
+		seen = done
+		return busy
+	}
 }
 
 func (v *VU) beginAppIO() { v.appIO.Add(1) }

@@ -348,7 +348,7 @@ func TestWriteGateRunsBeforeMembersAndCanRefuse(t *testing.T) {
 	if err := v.WriteAt([]byte("x"), 0, false); err != nil {
 		t.Fatal(err)
 	}
-	if g.open.Load() != 0 || v.appIO.Load() != 0 {
+	if g.open.Load() != 0 || v.Busy() {
 		t.Fatal("gate or busy count not released after the write")
 	}
 	g.refuse = true
