@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/shadow-project/shadow/bitmap/wlog"
@@ -316,50 +317,49 @@ func newGate(t *testing.T, dev member) *gate {
 
 func (g *gate) release() { g.once.Do(func() { close(g.open) }) }
 
-// waitSet waits until n extents are set (or being set) in l.
+// waitSet waits, in a synctest bubble, until every goroutine is blocked,
+// and checks that n extents are then set (or being set) in l.
 func waitSet(t *testing.T, l *wlog.Log, n int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for l.Stats().Set < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("only %d extents set, want %d", l.Stats().Set, n)
-		}
-		time.Sleep(time.Millisecond)
+	synctest.Wait()
+	if got := l.Stats().Set; got < n {
+		t.Fatalf("only %d extents set, want %d", got, n)
 	}
 }
 
 // TestGroupCommit: while one log write is in flight, sixteen Acquires
 // of new extents in the same block gather and share the next write.
 func TestGroupCommit(t *testing.T) {
-	dev, region := newMember(64 * MiB)
-	l := mustFormat(t, dev, region, 64*MiB, 64*KiB)
-	g := newGate(t, dev)
-	var wg sync.WaitGroup
-	var returned atomic.Int32
-	wg.Go(func() { acquire(t, l, 0, 1); returned.Add(1) })
-	<-g.entered // the leader's write is in flight
-	for i := range 16 {
-		wg.Go(func() { acquire(t, l, int64(i+1)*64*KiB, 1); returned.Add(1) })
-	}
-	waitSet(t, l, 17)
-	time.Sleep(10 * time.Millisecond)
-	select {
-	case <-g.entered:
-		t.Fatal("a second log write started while the first was in flight")
-	default:
-	}
-	if n := returned.Load(); n != 0 {
-		t.Fatalf("%d Acquires returned before their log write was done", n)
-	}
-	g.release()
-	wg.Wait()
-	if s := l.Stats(); s.LogWrites != 2 || s.Misses != 17 {
-		t.Fatalf("stats %+v: want 2 log writes for 17 misses", s)
-	}
-	dev.SetSyncHook(nil)
-	if got := extents(t, dev.durable(), region, 0); len(got) != 17 {
-		t.Fatalf("logged %v", got)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		dev, region := newMember(64 * MiB)
+		l := mustFormat(t, dev, region, 64*MiB, 64*KiB)
+		g := newGate(t, dev)
+		var wg sync.WaitGroup
+		var returned atomic.Int32
+		wg.Go(func() { acquire(t, l, 0, 1); returned.Add(1) })
+		<-g.entered // the leader's write is in flight
+		for i := range 16 {
+			wg.Go(func() { acquire(t, l, int64(i+1)*64*KiB, 1); returned.Add(1) })
+		}
+		waitSet(t, l, 17) // every straggler has had its chance to start a write
+		select {
+		case <-g.entered:
+			t.Fatal("a second log write started while the first was in flight")
+		default:
+		}
+		if n := returned.Load(); n != 0 {
+			t.Fatalf("%d Acquires returned before their log write was done", n)
+		}
+		g.release()
+		wg.Wait()
+		if s := l.Stats(); s.LogWrites != 2 || s.Misses != 17 {
+			t.Fatalf("stats %+v: want 2 log writes for 17 misses", s)
+		}
+		dev.SetSyncHook(nil)
+		if got := extents(t, dev.durable(), region, 0); len(got) != 17 {
+			t.Fatalf("logged %v", got)
+		}
+	})
 }
 
 // TestAcquireAlreadyInFlight: an Acquire whose bit the write in flight
@@ -385,89 +385,96 @@ func TestAcquireAlreadyInFlight(t *testing.T) {
 // back into the image, or the clearing write that follows would take it
 // off the member under the Acquire's data write.
 func TestSweepThenAcquire(t *testing.T) {
-	dev, region := newMember(64 * MiB)
-	l := mustFormat(t, dev, region, 64*MiB, 64*KiB)
-	acquire(t, l, 0, 1) // extent 0
-	l.Release(0, 1)
-	flush(l)
-	g := newGate(t, dev)
-	var wg sync.WaitGroup
-	wg.Go(func() { acquire(t, l, 64*KiB, 1) }) // extent 1: its write carries extent 0 too
-	<-g.entered
-	wg.Go(func() { sweep(t, l, time.Unix(0, 0), 0) })
-	for l.Stats().Set != 1 { // 2 until Sweep takes extent 0 out of the image
-		time.Sleep(time.Millisecond)
-	}
-	wg.Go(func() { acquire(t, l, 0, 1) })
-	for l.Stats().Misses != 3 {
-		time.Sleep(time.Millisecond)
-	}
-	time.Sleep(10 * time.Millisecond)
-	g.release()
-	wg.Wait()
-	if got := extents(t, dev.durable(), region, 0); !slices.Equal(got, []uint64{0, 1}) {
-		t.Fatalf("logged %v with writes in flight on extents 0 and 1", got)
-	}
+	synctest.Test(t, func(t *testing.T) {
+		dev, region := newMember(64 * MiB)
+		l := mustFormat(t, dev, region, 64*MiB, 64*KiB)
+		acquire(t, l, 0, 1) // extent 0
+		l.Release(0, 1)
+		flush(l)
+		g := newGate(t, dev)
+		var wg sync.WaitGroup
+		wg.Go(func() { acquire(t, l, 64*KiB, 1) }) // extent 1: its write carries extent 0 too
+		<-g.entered
+		wg.Go(func() { sweep(t, l, time.Unix(0, 0), 0) })
+		synctest.Wait()
+		if n := l.Stats().Set; n != 1 { // Sweep took extent 0 out of the image
+			t.Fatalf("%d extents set after the sweep, want 1", n)
+		}
+		wg.Go(func() { acquire(t, l, 0, 1) })
+		synctest.Wait()
+		if n := l.Stats().Misses; n != 3 {
+			t.Fatalf("%d misses, want 3", n)
+		}
+		g.release()
+		wg.Wait()
+		if got := extents(t, dev.durable(), region, 0); !slices.Equal(got, []uint64{0, 1}) {
+			t.Fatalf("logged %v with writes in flight on extents 0 and 1", got)
+		}
+	})
 }
 
 // TestAcquireCanceled: a waiter whose context ends returns at once
 // holding nothing; the batch goes on, and its extent is cleared later.
 func TestAcquireCanceled(t *testing.T) {
-	dev, region := newMember(64 * MiB)
-	l := mustFormat(t, dev, region, 64*MiB, 64*KiB)
-	g := newGate(t, dev)
-	var wg sync.WaitGroup
-	wg.Go(func() { acquire(t, l, 0, 1) })
-	<-g.entered
-	ctx, cancel := context.WithCancel(bg)
-	errc := make(chan error)
-	go func() { errc <- l.Acquire(ctx, 64*KiB, 1) }()
-	waitSet(t, l, 2)
-	cancel()
-	if err := <-errc; !errors.Is(err, context.Canceled) {
-		t.Fatalf("canceled acquire: %v", err)
-	}
-	g.release()
-	wg.Wait()
-	dev.SetSyncHook(nil)
-	l.Release(0, 1)
-	// Let the goroutine that writes the second batch finish.
-	deadline := time.Now().Add(10 * time.Second)
-	for l.Stats().LogWrites < 2 && time.Now().Before(deadline) {
-		time.Sleep(time.Millisecond)
-	}
-	flush(l)
-	sweepExpect(t, l, dev, region, time.Unix(0, 0), 0, 0, "after flush and sweep: %v (the canceled acquire leaked a count?)")
-	if err := l.Acquire(ctx, 128*KiB, 1); !errors.Is(err, context.Canceled) {
-		t.Fatalf("acquire with a canceled context: %v", err)
-	}
-	acquire(t, l, 0, 1)
-	if err := l.Acquire(ctx, 0, 1); err != nil {
-		t.Fatalf("hit with a canceled context: %v", err) // no wait, no error
-	}
+	synctest.Test(t, func(t *testing.T) {
+		dev, region := newMember(64 * MiB)
+		l := mustFormat(t, dev, region, 64*MiB, 64*KiB)
+		g := newGate(t, dev)
+		var wg sync.WaitGroup
+		wg.Go(func() { acquire(t, l, 0, 1) })
+		<-g.entered
+		ctx, cancel := context.WithCancel(bg)
+		errc := make(chan error)
+		go func() { errc <- l.Acquire(ctx, 64*KiB, 1) }()
+		waitSet(t, l, 2)
+		cancel()
+		if err := <-errc; !errors.Is(err, context.Canceled) {
+			t.Fatalf("canceled acquire: %v", err)
+		}
+		g.release()
+		wg.Wait()
+		dev.SetSyncHook(nil)
+		l.Release(0, 1)
+		// Let the goroutine that writes the second batch finish.
+		synctest.Wait()
+		if n := l.Stats().LogWrites; n < 2 {
+			t.Fatalf("%d log writes, want the canceled waiter's batch written too", n)
+		}
+		flush(l)
+		sweepExpect(t, l, dev, region, time.Unix(0, 0), 0, 0, "after flush and sweep (the canceled acquire leaked a count?)")
+		if err := l.Acquire(ctx, 128*KiB, 1); !errors.Is(err, context.Canceled) {
+			t.Fatalf("acquire with a canceled context: %v", err)
+		}
+		acquire(t, l, 0, 1)
+		if err := l.Acquire(ctx, 0, 1); err != nil {
+			t.Fatalf("hit with a canceled context: %v", err) // no wait, no error
+		}
+	})
 }
 
 // TestLogWriteFails: a failed log write fails its batch and the next
 // one, and every later miss: the data writes are never admitted.
 func TestLogWriteFails(t *testing.T) {
-	dev, region := newMember(64 * MiB)
-	l := mustFormat(t, dev, region, 64*MiB, 64*KiB)
-	g := newGate(t, dev)
-	g.err = syscall.EIO
-	errs := make(chan error, 2)
-	go func() { errs <- l.Acquire(bg, 0, 1) }()
-	<-g.entered
-	go func() { errs <- l.Acquire(bg, 64*KiB, 1) }()
-	waitSet(t, l, 2)
-	g.release()
-	for range 2 {
-		if err := <-errs; !errors.Is(err, wlog.ErrFailed) {
-			t.Fatalf("acquire: %v, want ErrFailed", err)
+	synctest.Test(t, func(t *testing.T) {
+		dev, region := newMember(64 * MiB)
+		l := mustFormat(t, dev, region, 64*MiB, 64*KiB)
+		g := newGate(t, dev)
+		g.err = syscall.EIO
+		errs := make(chan error, 2)
+		go func() { errs <- l.Acquire(bg, 0, 1) }()
+		<-g.entered
+		go func() { errs <- l.Acquire(bg, 64*KiB, 1) }()
+		waitSet(t, l, 2)
+		g.release()
+		for range 2 {
+			if err := <-errs; !errors.Is(err, wlog.ErrFailed) {
+				t.Fatalf("acquire: %v, want ErrFailed", err)
+			}
 		}
-	}
-	if err := l.Acquire(bg, 128*KiB, 1); !errors.Is(err, wlog.ErrFailed) {
-		t.Fatalf("later acquire: %v", err)
-	}
+		if err := l.Acquire(bg, 128*KiB, 1); !errors.Is(err, wlog.ErrFailed) {
+			t.Fatalf("later acquire: %v", err)
+		}
+	})
 }
 
 func TestLoadErrors(t *testing.T) {
