@@ -280,8 +280,10 @@ func powerLossRounds(t *testing.T, writeLog bool) {
 				if res.Merge != want {
 					t.Fatalf("round %d: the mount requires %q, want %q", round, res.Merge, want)
 				}
-				for !mergeRecorded(a) {
-					time.Sleep(time.Millisecond)
+				for deadline := time.Now().Add(30 * time.Second); !mergeRecorded(a); time.Sleep(time.Millisecond) {
+					if time.Now().After(deadline) {
+						t.Fatalf("round %d: the merge never recorded itself underway", round)
+					}
 				}
 				crashAll(a, faulty)
 				want = "full-merge"
