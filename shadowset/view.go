@@ -56,6 +56,9 @@ type OpView struct {
 	Holders   []string
 	AddedWork int
 	History   []Word
+	// Attempt counts the op's starts (a report of another attempt is
+	// stale).
+	Attempt uint64
 }
 
 // MemberView is a read-only copy of a member.
@@ -133,7 +136,7 @@ func (c *Core) setView(st *setState) SetView {
 		v.Ops = append(v.Ops, OpView{
 			ID: op.ID, Set: st.Name, Kind: op.Kind, State: op.State, Host: op.Host, LastHost: op.LastHost,
 			LBN: op.LBN, Target: op.Target, Bitmap: op.Bitmap, Holders: slices.Clone(op.Holders),
-			AddedWork: op.AddedWork, History: slices.Clone(op.History),
+			AddedWork: op.AddedWork, History: slices.Clone(op.History), Attempt: op.Attempt,
 		})
 	}
 	return v

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -19,8 +21,11 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/urfave/cli/v2"
 
+	"github.com/shadow-project/shadow/cluster"
 	"github.com/shadow-project/shadow/cmd/internal/agent"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/shadowset"
+	"github.com/shadow-project/shadow/shadowset/replay"
 )
 
 // defaultRunDir holds the control and NBD sockets unless told otherwise.
@@ -75,6 +80,15 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "create-size", Usage: "create missing member files of this size (e.g. 256MiB) for --mount"},
 			&cli.StringFlag{Name: "cpuprofile", Usage: "write a CPU profile here until the agent stops", Hidden: true},
 			&cli.IntFlag{Name: "io-parallelism", Value: defaultIOParallelism, Usage: "how many member reads and writes may block in the kernel at once (sets GOMAXPROCS; 0: Go's default)"},
+			&cli.StringFlag{Name: "cluster-listen", Usage: "join a cluster: gossip on this loopback address (UDP and TCP; raft takes the next TCP port); none: a cluster of one"},
+			&cli.StringSliceFlag{Name: "join", Usage: "gossip addresses of hosts already in the cluster (none: form a new cluster, or resume this host's from --state-dir)"},
+			&cli.StringFlag{Name: "state-dir", Usage: "where raft keeps its log, stable store and snapshots (required with --cluster-listen)"},
+			&cli.BoolFlag{Name: "witness", Usage: "a raft voter that mounts nothing (the third vote of a two-host cluster)"},
+			&cli.StringFlag{Name: "gossip-key-file", Usage: "encrypt gossip with the 16, 24 or 32 byte key in this file (raw, or base64)"},
+			&cli.DurationFlag{Name: "probe-interval", Value: cluster.DefaultTiming.ProbeInterval, Usage: "failure detection: how often each host probes a peer"},
+			&cli.DurationFlag{Name: "probe-timeout", Value: cluster.DefaultTiming.ProbeTimeout, Usage: "failure detection: how long a probe waits before asking others"},
+			&cli.IntFlag{Name: "suspicion-mult", Value: cluster.DefaultTiming.SuspicionMult, Usage: "failure detection: a suspect is declared failed after this × probe-interval × log10(hosts)"},
+			&cli.DurationFlag{Name: "raft-heartbeat", Value: cluster.DefaultTiming.RaftHeartbeat, Usage: "raft heartbeat and election timeout"},
 		},
 		Action: func(cc *cli.Context) error {
 			setIOParallelism(cc.Int("io-parallelism"))
@@ -92,11 +106,15 @@ func agentCommand() *cli.Command {
 			if err != nil {
 				return cli.Exit(err.Error(), 2)
 			}
+			cl, err := clusterConfig(cc)
+			if err != nil {
+				return cli.Exit("agent: "+err.Error(), 2)
+			}
 			a, err := agent.New(agent.Config{
 				Host: cc.String("host"), Socket: cc.String("socket"),
 				NBDUnix: cc.String("nbd-unix"), NBDTCP: cc.String("nbd-listen"),
 				MinRate: cc.Int64("min-rate"), MaxRate: cc.Int64("max-rate"),
-				CleanAfter: cc.Duration("clean-after"), Logger: log,
+				CleanAfter: cc.Duration("clean-after"), Logger: log, Cluster: cl,
 			})
 			if err != nil {
 				return err
@@ -134,6 +152,47 @@ func setIOParallelism(n int) {
 	if n > runtime.GOMAXPROCS(0) {
 		runtime.GOMAXPROCS(n)
 	}
+}
+
+// clusterConfig reads the cluster flags (nil: a cluster of one).
+func clusterConfig(cc *cli.Context) (*agent.ClusterConfig, error) {
+	listen := cc.String("cluster-listen")
+	if listen == "" {
+		for _, f := range []string{"join", "state-dir", "witness", "gossip-key-file"} {
+			if cc.IsSet(f) {
+				return nil, fmt.Errorf("--%s needs --cluster-listen", f)
+			}
+		}
+		return nil, nil
+	}
+	if cc.String("state-dir") == "" {
+		return nil, errors.New("--cluster-listen needs --state-dir (raft's log lives there)")
+	}
+	cfg := &agent.ClusterConfig{Listen: listen, StateDir: cc.String("state-dir"), Witness: cc.Bool("witness"),
+		Timing: cluster.Timing{ProbeInterval: cc.Duration("probe-interval"), ProbeTimeout: cc.Duration("probe-timeout"),
+			SuspicionMult: cc.Int("suspicion-mult"), RaftHeartbeat: cc.Duration("raft-heartbeat")}}
+	for _, j := range cc.StringSlice("join") {
+		for _, p := range strings.Split(j, ",") {
+			if p = strings.TrimSpace(p); p != "" {
+				cfg.Join = append(cfg.Join, p)
+			}
+		}
+	}
+	if kf := cc.String("gossip-key-file"); kf != "" {
+		raw, err := os.ReadFile(kf)
+		if err != nil {
+			return nil, fmt.Errorf("--gossip-key-file: %w", err)
+		}
+		key := bytes.TrimSpace(raw)
+		if dec, err := base64.StdEncoding.DecodeString(string(key)); err == nil {
+			key = dec
+		}
+		if n := len(key); n != 16 && n != 24 && n != 32 {
+			return nil, fmt.Errorf("--gossip-key-file: a key of %d bytes; gossip encryption needs 16, 24 or 32 (AES-128/192/256)", n)
+		}
+		cfg.GossipKey = key
+	}
+	return cfg, nil
 }
 
 func mountAtStart(cc *cli.Context, a *agent.Agent, spec string) error {
@@ -351,8 +410,24 @@ func showCommand() *cli.Command {
 			&cli.BoolFlag{Name: "watch", Usage: "redraw every second with progress bars until no merge or copy is left"},
 			&cli.DurationFlag{Name: "interval", Value: time.Second, Usage: "redraw interval for --watch"},
 			&cli.StringFlag{Name: "policy", Usage: "hbmm: list the named HBMM policies"},
+			&cli.BoolFlag{Name: "events", Usage: "print the ordered event log (the cluster's, in a cluster) as a replay script: `shadow replay` of it reaches the same decisions"},
 		},
 		Action: func(cc *cli.Context) error {
+			if cc.Bool("events") {
+				var evs []shadowset.Event
+				if err := call(cc, "events", struct{}{}, &evs); err != nil {
+					return err
+				}
+				if cc.Bool("json") {
+					return json.NewEncoder(cc.App.Writer).Encode(evs)
+				}
+				script, err := replay.Format(evs)
+				if err != nil {
+					return cli.Exit("show --events: "+err.Error(), 1)
+				}
+				fmt.Fprint(cc.App.Writer, script)
+				return nil
+			}
 			if p := cc.String("policy"); p != "" {
 				if !strings.EqualFold(p, "hbmm") {
 					return cli.Exit("show: --policy: only hbmm", 2)

@@ -37,6 +37,10 @@ type Config struct {
 	Chunk int64
 	// Lock takes the VU's range lock for one chunk.
 	Lock func(off, n int64) (unlock func())
+	// Claim, if set, runs before Lock for each chunk: on a set other
+	// hosts write, it makes sure they have stopped writing the chunk (the
+	// cluster's window); an error stops the walk.
+	Claim func(off, n int64) error
 	// Want, if set, skips chunks with no work (a minimerge or minicopy
 	// walks only its bitmap's chunks).
 	Want func(off, n int64) bool
@@ -72,6 +76,8 @@ type Plan struct {
 	// StartLBN is the checkpoint to resume from.
 	StartLBN uint64
 	Lock     func(off, n int64) (unlock func())
+	// Claim: see Config.Claim.
+	Claim func(off, n int64) error
 	// Want, if set, limits the walk to chunks with work (a minimerge or
 	// minicopy); Next, if set, finds the next chunk with work.
 	Want func(off, n int64) bool
@@ -98,7 +104,7 @@ func (p Plan) ChunkSize() int64 {
 func (p Plan) Run(ctx context.Context, step func(off, n int64) error, flush func() error) error {
 	return Run(ctx, Config{
 		Size: p.Size, Start: int64(p.StartLBN) * SectorSize, Chunk: p.ChunkSize(),
-		Lock: p.Lock, Want: p.Want, Next: p.Next, Stepped: p.Stepped, Step: step, Flush: flush,
+		Lock: p.Lock, Claim: p.Claim, Want: p.Want, Next: p.Next, Stepped: p.Stepped, Step: step, Flush: flush,
 		Progress: func(done int64) {
 			if p.Progress != nil {
 				p.Progress(uint64(done / SectorSize))
@@ -144,6 +150,11 @@ func Run(ctx context.Context, c Config) error {
 		}
 		n := min(c.Chunk, c.Size-off)
 		if c.Want == nil || c.Want(off, n) {
+			if c.Claim != nil {
+				if err := c.Claim(off, n); err != nil {
+					return fmt.Errorf("walk: claim chunk at %d: %w", off, err)
+				}
+			}
 			unlock := c.Lock(off, n)
 			err := c.Step(off, n)
 			unlock()

@@ -20,6 +20,7 @@ import (
 
 	"github.com/rs/zerolog"
 
+	"github.com/shadow-project/shadow/cluster"
 	"github.com/shadow-project/shadow/cmd/internal/device"
 	"github.com/shadow-project/shadow/cmd/internal/nbd"
 	"github.com/shadow-project/shadow/shadowset"
@@ -44,6 +45,9 @@ type Config struct {
 	// OpenDevice opens members (default device.Open); tests wrap the
 	// devices to inject faults and power losses.
 	OpenDevice func(path string, opts device.Options) (device.Device, error)
+	// Cluster, if set, joins a cluster; nil: a cluster of one (this host
+	// alone, the in-process log).
+	Cluster *ClusterConfig
 }
 
 // Agent is one host's agent.
@@ -51,7 +55,11 @@ type Agent struct {
 	cfg  Config
 	host string
 	log  zerolog.Logger
-	elog *LocalLog
+	elog eventLog
+	// clog and node are the cluster's log and membership (nil: a cluster
+	// of one).
+	clog *cluster.Log
+	node *cluster.Node
 	nbd  *nbd.Server
 	api  *APIServer
 	lns  []net.Listener
@@ -90,20 +98,30 @@ func New(cfg Config) (*Agent, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &Agent{cfg: cfg, host: cfg.Host, log: cfg.Logger, ctx: ctx, stop: cancel,
 		sets: map[string]*volume{}, runs: map[shadowset.OpID]*run{}}
-	a.elog = NewLocalLog(shadowset.New(), a.apply)
-	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvHostUp, Host: a.host}); err != nil {
-		cancel()
-		return nil, err
-	}
 	a.nbd = nbd.NewServer(nbd.Options{Logger: cfg.Logger})
 	if err := a.listenNBD(); err != nil {
 		a.closeListeners()
 		cancel()
 		return nil, err
 	}
+	if cfg.Cluster != nil {
+		if err := a.startCluster(); err != nil {
+			a.closeListeners()
+			cancel()
+			return nil, err
+		}
+	} else {
+		a.elog = NewLocalLog(shadowset.New(), a.apply)
+		if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvHostUp, Host: a.host}); err != nil {
+			a.closeListeners()
+			cancel()
+			return nil, err
+		}
+	}
 	api, err := ListenAPI(cfg.Socket, a.handlers(), cfg.Logger)
 	if err != nil {
 		a.closeListeners()
+		a.stopCluster(false)
 		cancel()
 		return nil, err
 	}
@@ -184,6 +202,7 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 		}
 	}
 	a.elog.Close()
+	a.stopCluster(true)
 	a.stop()
 	a.wg.Wait()
 	return errors.Join(errs...)
@@ -284,7 +303,7 @@ func (a *Agent) setView(name string) (shadowset.SetView, bool) {
 // viewLocked reads a set's view when the caller already runs under the
 // log's lock (apply).
 func (a *Agent) viewLocked(name string) (shadowset.SetView, bool) {
-	return a.elog.core.Set(name)
+	return a.elog.Locked().Set(name)
 }
 
 func fileExists(p string) bool {

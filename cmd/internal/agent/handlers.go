@@ -154,14 +154,17 @@ func (a *Agent) dismountSet(name string) error {
 	}
 	a.waitStopped(old)
 	a.nbd.RemoveExport(name)
+	vol.remote.release()
 	close(vol.stopCleaner)
 	<-vol.cleanerDone
 	var errs []error
 	if err := vol.markClean(a, true); err != nil {
 		errs = append(errs, err)
 	}
-	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvForgetSet, Set: name}); err != nil {
-		errs = append(errs, err)
+	if !a.mountedElsewhere(name) {
+		if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvForgetSet, Set: name}); err != nil && !a.clustered() {
+			errs = append(errs, err)
+		}
 	}
 	a.mu.Lock()
 	delete(a.sets, name)
@@ -316,7 +319,13 @@ func (a *Agent) setVerb(args SetArgs) error {
 
 // Show builds the report for one set, or all.
 func (a *Agent) Show(set string) (ShowReport, error) {
-	r := ShowReport{Host: a.host, Sets: []SetShow{}}
+	r := ShowReport{Host: a.host, Sets: []SetShow{}, Cluster: a.clusterShow()}
+	a.elog.View(func(c *shadowset.Core) {
+		if open, end := c.Window(); open {
+			left := (end - c.Now()).Milliseconds()
+			r.DelayLeftMs = &left
+		}
+	})
 	names := a.setNames()
 	if set != "" {
 		if !slices.Contains(names, set) {
@@ -336,7 +345,7 @@ func (a *Agent) Show(set string) (ShowReport, error) {
 		var prio int
 		a.elog.View(func(c *shadowset.Core) { prio = c.Priority(a.host, name) })
 		s := SetShow{Name: name, SizeBytes: vol.size, NBDURI: a.URI(name), Mounted: sv.Mounted, Priority: prio, Members: []MemberShow{}, Ops: []OpShow{}}
-		master := masterMember(vol.vu.Members())
+		master := a.masterFor(vol)
 		mergePct := -1
 		copyPct := map[string]int{}
 		for _, op := range sv.Ops {

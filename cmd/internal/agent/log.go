@@ -26,6 +26,19 @@ type Log interface {
 	AppendFrom(ctx context.Context, ev shadowset.Event) error
 }
 
+// eventLog is what the agent needs of its log: the single-host LocalLog
+// and the cluster's raft-backed log both have it.
+type eventLog interface {
+	Log
+	// View runs f with the core under the log's lock (for reads).
+	View(f func(c *shadowset.Core))
+	// Locked is the core, for code already running under the log's lock
+	// (the apply callbacks).
+	Locked() *shadowset.Core
+	History() []shadowset.Event
+	Close()
+}
+
 // LocalLog is the single-host Log: a mutex orders the events, the core is
 // stepped in Append, and the actions are handed to Apply in order while the
 // mutex is held. Apply must not call Append (it would deadlock); it starts
@@ -100,6 +113,9 @@ func (l *LocalLog) View(f func(c *shadowset.Core)) {
 	defer l.mu.Unlock()
 	f(l.core)
 }
+
+// Locked implements eventLog.
+func (l *LocalLog) Locked() *shadowset.Core { return l.core }
 
 // History returns the events applied so far.
 func (l *LocalLog) History() []shadowset.Event {

@@ -132,16 +132,32 @@ func (a *Agent) runFailed(ctx context.Context, vol *volume, act shadowset.Action
 }
 
 // masterMember picks the merge master: the first full member by read
-// cost (any full member can be the logical merge master).
+// cost, ties to the first path (any full member can be the logical merge
+// master). Read costs are per host; the path order is the same on every
+// host, which is what a shared set needs (its VUs run with read cost
+// ignored here: see masterFor).
 func masterMember(ms []vu.MemberInfo) string {
 	best := ""
 	cost := 0
 	for _, m := range ms {
-		if m.Role == vu.Full && (best == "" || m.ReadCost < cost) {
+		if m.Role == vu.Full && (best == "" || m.ReadCost < cost || (m.ReadCost == cost && m.Path < best)) {
 			best, cost = m.Path, m.ReadCost
 		}
 	}
 	return best
+}
+
+// masterFor is the set's merge master on this host: on a shared set every
+// host must read the same member, so read costs (local settings) do not
+// count there.
+func (a *Agent) masterFor(vol *volume) string {
+	ms := vol.vu.Members()
+	if a.clustered() {
+		for i := range ms {
+			ms[i].ReadCost = 0
+		}
+	}
+	return masterMember(ms)
 }
 
 // plan is the walk a started op makes: from its LBN, under the VU's
@@ -149,7 +165,7 @@ func masterMember(ms []vu.MemberInfo) string {
 // reaches the core (the final one arrives as the completion instead).
 func (a *Agent) plan(ctx context.Context, vol *volume, act shadowset.Action, work *bitmap.Bitmap, record func(lbn uint64)) walk.Plan {
 	p := walk.Plan{
-		Size: vol.size, StartLBN: act.LBN, Lock: vol.vu.Lock,
+		Size: vol.size, StartLBN: act.LBN, Lock: vol.vu.Lock, Claim: a.claimer(ctx, vol, act),
 		MinRate: a.cfg.MinRate, MaxRate: a.cfg.MaxRate, Busy: vol.vu.BusyProbe(),
 		Progress: func(lbn uint64) {
 			record(lbn)
@@ -199,7 +215,7 @@ func (a *Agent) opBitmap(vol *volume, act shadowset.Action) (work *bitmap.Bitmap
 
 func (a *Agent) runMerge(ctx context.Context, vol *volume, act shadowset.Action, f mergeFence, work *bitmap.Bitmap) error {
 	ms := vol.vu.Members()
-	master := masterMember(ms)
+	master := a.masterFor(vol)
 	var failed string
 	dev := func(p string) merge.Device {
 		d, _, _ := vol.vu.Device(p)
@@ -226,7 +242,7 @@ func (a *Agent) runMerge(ctx context.Context, vol *volume, act shadowset.Action,
 func (a *Agent) runCopy(ctx context.Context, vol *volume, act shadowset.Action, work *bitmap.Bitmap) error {
 	src, _ := vol.copySource.Load().(string)
 	if _, role, ok := vol.vu.Device(src); !ok || role != vu.Full {
-		src = masterMember(vol.vu.Members())
+		src = a.masterFor(vol)
 	}
 	var failed string
 	sd, _, _ := vol.vu.Device(src)
@@ -271,7 +287,10 @@ func (a *Agent) finished(act shadowset.Action) {
 	if vol == nil {
 		return
 	}
-	if act.OpKind.IsMerge() {
+	// On a shared set the op's host alone records the outcome in the
+	// metadata; the others update their view.
+	recorder := !a.clustered() || act.Host == a.host
+	if act.OpKind.IsMerge() && recorder {
 		if err := a.mergeUnderway(vol, false); err != nil {
 			a.log.Error().Str("vu", act.Set).Err(err).Msg("cannot record the completed merge")
 		}
@@ -287,8 +306,10 @@ func (a *Agent) finished(act shadowset.Action) {
 		}
 		vol.mdMu.Unlock()
 		vol.setRole(act.Target, meta.RoleFull)
-		if err := vol.writeAll(); err != nil {
-			a.log.Error().Str("vu", act.Set).Err(err).Msg("cannot record the completed copy")
+		if recorder {
+			if err := vol.writeAll(); err != nil {
+				a.log.Error().Str("vu", act.Set).Err(err).Msg("cannot record the completed copy")
+			}
 		}
 		// The member is whole again: its minicopy bitmap is done with.
 		vol.bm.dropMinicopy(act.Target)
@@ -327,9 +348,9 @@ func (a *Agent) syncMergeViews() {
 			vol.mergeFence = nil
 			vol.vu.SetMerge(nil, "")
 		case mergeOp.State == shadowset.Running && mergeOp.Host == a.host && vol.mergeFence != nil:
-			vol.vu.SetMerge(vol.mergeFence, masterMember(vol.vu.Members()))
+			vol.vu.SetMerge(vol.mergeFence, a.masterFor(vol))
 		default:
-			vol.vu.SetMerge(&owedFence, masterMember(vol.vu.Members()))
+			vol.vu.SetMerge(&owedFence, a.masterFor(vol))
 		}
 	}
 }

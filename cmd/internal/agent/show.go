@@ -10,6 +10,11 @@ import (
 type ShowReport struct {
 	Host string    `json:"host"`
 	Sets []SetShow `json:"sets"`
+	// Cluster is the cluster view (absent on a cluster of one).
+	Cluster *ClusterShow `json:"cluster,omitempty"`
+	// DelayLeftMs is the time left in the recovery delay window, in
+	// milliseconds of the log's clock, while one is open (else absent).
+	DelayLeftMs *int64 `json:"delay_left_ms,omitempty"`
 }
 
 // SetShow is one virtual unit.
@@ -128,6 +133,31 @@ func vuState(s SetShow) string {
 // FormatShow renders the report like OpenVMS SHOW SHADOW.
 func FormatShow(r ShowReport, full bool) string {
 	var b strings.Builder
+	if c := r.Cluster; c != nil {
+		fmt.Fprintf(&b, "Cluster (leader %s):\n", c.Leader)
+		for _, h := range c.Hosts {
+			var tags []string
+			if h.Leader {
+				tags = append(tags, "leader")
+			}
+			if h.Witness {
+				tags = append(tags, "witness")
+			}
+			if h.Voter {
+				tags = append(tags, "voter")
+			} else {
+				tags = append(tags, "non-voter")
+			}
+			fmt.Fprintf(&b, "  Host %-12s %-7s %s\n", h.Host, h.State, strings.Join(tags, ","))
+		}
+		for _, w := range c.Warnings {
+			fmt.Fprintf(&b, "  WARNING: %s\n", w)
+		}
+		if r.DelayLeftMs != nil {
+			fmt.Fprintf(&b, "  Recovery delay open: %d ms left\n", *r.DelayLeftMs)
+		}
+		b.WriteString("\n")
+	}
 	if len(r.Sets) == 0 {
 		fmt.Fprintf(&b, "No shadow sets mounted on %s\n", r.Host)
 		return b.String()

@@ -54,6 +54,10 @@ type volume struct {
 	stopCleaner chan struct{}
 	cleanerDone chan struct{}
 
+	// remote is the window another host's merge or copy holds on the set
+	// (a cluster).
+	remote remoteWindow
+
 	retiredMu sync.Mutex
 	retired   []device.Device
 	// expelMu serialises expulsions: concurrent requests failing on one
@@ -164,8 +168,8 @@ type probe struct {
 
 const blankSample = 1 << 20
 
-func (a *Agent) openProbe(path string, direct, overwrite bool) (*probe, error) {
-	dev, err := a.cfg.OpenDevice(path, device.Options{Direct: direct})
+func (a *Agent) openProbe(path string, opts device.Options, overwrite bool) (*probe, error) {
+	dev, err := a.cfg.OpenDevice(path, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -217,7 +221,20 @@ func (a *Agent) mount(args MountArgs) (*MountResult, error) {
 	if vol != nil {
 		return a.addMember(vol, args)
 	}
+	if a.clustered() {
+		return a.mountClustered(args)
+	}
 	return a.mountNew(args)
+}
+
+// memberOptions is how this host opens a member: in a cluster, shared
+// with the other agents and with O_DIRECT (hosts on a SAN share no page
+// cache, so none may trust its own).
+func (a *Agent) memberOptions(args MountArgs, path string) device.Options {
+	if a.clustered() {
+		return device.Options{Direct: true, Shared: true}
+	}
+	return device.Options{Direct: args.direct(path)}
 }
 
 func closeProbes(ps []*probe) {
@@ -242,7 +259,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		if slices.ContainsFunc(probes, func(p *probe) bool { return p.path == path }) {
 			return nil, fmt.Errorf("mount %s: %s named twice", args.Set, path)
 		}
-		p, err := a.openProbe(path, args.direct(path), args.Overwrite)
+		p, err := a.openProbe(path, a.memberOptions(args, path), args.Overwrite)
 		if err != nil {
 			return nil, fmt.Errorf("mount %s: %w", args.Set, err)
 		}
@@ -275,7 +292,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 				res.Warnings = append(res.Warnings, fmt.Sprintf("%s: member %s listed in the metadata is not present", m.PathHint, m.UUID))
 				continue
 			}
-			p, err := a.openProbe(m.PathHint, args.direct(m.PathHint), false)
+			p, err := a.openProbe(m.PathHint, a.memberOptions(args, m.PathHint), false)
 			if err != nil {
 				return nil, fmt.Errorf("mount %s --include: %w", args.Set, err)
 			}
@@ -414,22 +431,13 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		}
 		specs = append(specs, vu.MemberSpec{Dev: p.dev, Role: r})
 	}
-	// The dirty flag is durable on every member before the first write.
-	if err := vol.writeAll(); err != nil {
-		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
-	}
-	vol.dirty.Store(true)
-	v, err := vu.New(vu.Config{Name: args.Set, Size: size, Members: specs, Logger: a.log,
-		Expel: func(path string, cause error) error { return a.expel(vol, path, cause) },
-		Gate:  vol})
-	if err != nil {
-		return nil, err
-	}
-	vol.vu = v
-
 	// Tell the core, through the log: the set as the metadata recorded
 	// it (dirty: a merge is owed; a copy target mid-copy: its copy), then
-	// the mount, then the members that need a fresh copy.
+	// the mount, then the members that need a fresh copy. The set is
+	// defined before any metadata is written: in a cluster, defining it is
+	// what makes this host the one that mounts it first (a second host's
+	// definition is refused and it joins instead), so two hosts never
+	// write one metadata slot.
 	spec := &shadowset.SetSpec{Name: args.Set, Dirty: wasDirty, Controller: writeLog}
 	var ops []*shadowset.OpSpec
 	var adds []string
@@ -459,6 +467,44 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 			ops = append(ops, &shadowset.OpSpec{Set: args.Set, Kind: shadowset.FullCopy, Target: p.path, LBN: roles[i].checkpoint})
 		}
 	}
+	forget := func() { _ = a.elog.Append(shadowset.Event{Kind: shadowset.EvForgetSet, Set: args.Set}) }
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvDefineSet, Spec: spec}); err != nil {
+		if a.clustered() && errors.Is(err, shadowset.ErrBadEvent) {
+			if _, defined := a.setView(args.Set); defined {
+				return nil, errRetryJoin
+			}
+		}
+		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+	}
+	// The set is not mounted yet, so nothing runs: the view shows the
+	// merge its metadata requires.
+	if sv, ok := a.setView(args.Set); ok {
+		for _, op := range sv.Ops {
+			if op.Kind.IsMerge() {
+				res.Merge = op.Kind.String()
+			}
+		}
+	}
+	for _, op := range ops {
+		if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvDefineOp, OpSpec: op}); err != nil {
+			forget()
+			return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+		}
+	}
+	// The dirty flag is durable on every member before the first write.
+	if err := vol.writeAll(); err != nil {
+		forget()
+		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+	}
+	vol.dirty.Store(true)
+	v, err := vu.New(vu.Config{Name: args.Set, Size: size, Members: specs, Logger: a.log, Shared: a.clustered(),
+		Expel: func(path string, cause error) error { return a.expel(vol, path, cause) },
+		Gate:  vol})
+	if err != nil {
+		forget()
+		return nil, err
+	}
+	vol.vu = v
 	a.mu.Lock()
 	a.sets[args.Set] = vol
 	a.mu.Unlock()
@@ -467,11 +513,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		delete(a.sets, args.Set)
 		a.mu.Unlock()
 	}
-	evs := []shadowset.Event{{Kind: shadowset.EvDefineSet, Spec: spec}}
-	for _, op := range ops {
-		evs = append(evs, shadowset.Event{Kind: shadowset.EvDefineOp, OpSpec: op})
-	}
-	evs = append(evs, shadowset.Event{Kind: shadowset.EvMount, Set: args.Set, Host: a.host})
+	evs := []shadowset.Event{{Kind: shadowset.EvMount, Set: args.Set, Host: a.host}}
 	for _, p := range adds {
 		evs = append(evs, shadowset.Event{Kind: shadowset.EvAddMember, Set: args.Set, Member: p})
 	}
@@ -487,22 +529,11 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 			}
 			a.mu.Unlock()
 		}
-		if err == nil && i == 0 {
-			// The set is not mounted yet, so nothing runs: the view shows
-			// the merge its metadata requires.
-			if sv, ok := a.setView(args.Set); ok {
-				for _, op := range sv.Ops {
-					if op.Kind.IsMerge() {
-						res.Merge = op.Kind.String()
-					}
-				}
-			}
-		}
 		if err != nil {
 			if i > 0 {
 				_ = a.elog.Append(shadowset.Event{Kind: shadowset.EvDismount, Set: args.Set, Host: a.host})
-				_ = a.elog.Append(shadowset.Event{Kind: shadowset.EvForgetSet, Set: args.Set})
 			}
+			forget()
 			undo()
 			return nil, fmt.Errorf("mount %s: %w", args.Set, err)
 		}
@@ -554,7 +585,7 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	// An expelled member's device is kept open until dismount (requests
 	// in flight may still hold it); coming back, it is opened afresh.
 	vol.closeRetired(path)
-	p, err := a.openProbe(path, args.direct(path), args.Overwrite)
+	p, err := a.openProbe(path, a.memberOptions(args, path), args.Overwrite)
 	if err != nil {
 		return nil, err
 	}
@@ -768,6 +799,11 @@ func (vol *volume) BeginFlush() func(bool) {
 // markClean flushes the set and records it clean, if no write is in
 // flight and no merge is owed. force skips the idle check (dismount).
 func (vol *volume) markClean(a *Agent, force bool) error {
+	if a.clustered() && (!force || a.mountedElsewhere(vol.name)) {
+		// Other hosts may write the set without this host knowing: it is
+		// marked clean only by the last host to dismount it.
+		return nil
+	}
 	idle := func() bool { return force || time.Since(time.Unix(0, vol.lastWrite.Load())) >= a.cfg.CleanAfter }
 	// Checked before taking the lock too: taking it stalls every writer.
 	if !vol.dirty.Load() || !idle() {

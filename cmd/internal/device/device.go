@@ -53,6 +53,13 @@ type Options struct {
 	// ReadOnly opens for reading only; writes and zeroes fail with
 	// ErrReadOnly. The device is still opened exclusively.
 	ReadOnly bool
+	// Shared opens for the agents of one cluster, which all open the
+	// members of the sets they mount (hosts sharing a SAN): a regular file
+	// takes flock(LOCK_SH), so every exclusive opener (a single-host agent,
+	// a tool) is still refused and refuses them; a block device is opened
+	// without O_EXCL. What keeps two clusters apart is the set's metadata
+	// and, on a real SAN, SCSI-3 persistent reservations (not here).
+	Shared bool
 }
 
 // Errors callers test for with errors.Is.

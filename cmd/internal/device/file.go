@@ -31,6 +31,7 @@ type osDevice struct {
 	size     int64
 	block    bool
 	readOnly bool
+	shared   bool
 
 	// direct is set for O_DIRECT; align is then the offset and length
 	// alignment it needs, memAlign the buffer address alignment.
@@ -96,7 +97,7 @@ func Open(path string, opts Options) (Device, error) {
 	if opts.Direct {
 		flag |= syscall.O_DIRECT
 	}
-	if block {
+	if block && !opts.Shared {
 		// On a block device, O_EXCL without O_CREAT claims it: it fails
 		// with EBUSY if it is mounted or opened O_EXCL elsewhere.
 		flag |= os.O_EXCL
@@ -117,7 +118,7 @@ func Open(path string, opts Options) (Device, error) {
 		f.Close()
 		return nil, fmt.Errorf("device: open %s: %w", path, err)
 	}
-	d := &osDevice{f: f, rc: rc, path: path, block: block, readOnly: opts.ReadOnly, direct: opts.Direct}
+	d := &osDevice{f: f, rc: rc, path: path, block: block, readOnly: opts.ReadOnly, direct: opts.Direct, shared: opts.Shared}
 	if err := d.setup(fi); err != nil {
 		f.Close()
 		return nil, err
@@ -136,7 +137,11 @@ func (d *osDevice) setup(fi fs.FileInfo) error {
 		return fmt.Errorf("device: open %s: the path was replaced while opening", d.path)
 	}
 	if !d.block {
-		err := d.control(func(fd int) error { return unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB) })
+		how := unix.LOCK_EX
+		if d.shared {
+			how = unix.LOCK_SH
+		}
+		err := d.control(func(fd int) error { return unix.Flock(fd, how|unix.LOCK_NB) })
 		if errors.Is(err, unix.EWOULDBLOCK) {
 			return fmt.Errorf("device: open %s: locked by another open (flock): %w", d.path, ErrBusy)
 		}

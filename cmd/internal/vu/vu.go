@@ -113,7 +113,14 @@ type Config struct {
 	// fails the request.
 	Expel func(path string, cause error) error
 	// Gate, if set, brackets application writes and flushes.
-	Gate   Gate
+	Gate Gate
+	// Shared: other hosts write the members too. Reads never write
+	// members then: a repair write under this host's range lock could land
+	// after another host's newer write and leave the members different.
+	// A read the merge has not reached reads the merge master alone (every
+	// host picks the same one), and the merge engine, which holds the
+	// cluster's window over its range, is what makes the members agree.
+	Shared bool
 	Logger zerolog.Logger
 }
 
@@ -146,6 +153,8 @@ type VU struct {
 	expel func(string, error) error
 	gate  Gate
 	log   zerolog.Logger
+	// shared: see Config.Shared.
+	shared bool
 	// appIO counts application requests in flight and appDone those
 	// completed; engines throttle to their minimum rate while their
 	// BusyProbe says so.
@@ -163,7 +172,7 @@ func New(cfg Config) (*VU, error) {
 	if cfg.Size <= 0 {
 		return nil, fmt.Errorf("vu %s: size %d is not positive", cfg.Name, cfg.Size)
 	}
-	v := &VU{name: cfg.Name, size: cfg.Size, expel: cfg.Expel, gate: cfg.Gate, log: cfg.Logger}
+	v := &VU{name: cfg.Name, size: cfg.Size, expel: cfg.Expel, gate: cfg.Gate, log: cfg.Logger, shared: cfg.Shared}
 	full := 0
 	for _, s := range cfg.Members {
 		if err := v.addMember(s); err != nil {
@@ -620,6 +629,10 @@ func (v *VU) ReadAt(p []byte, off int64) error {
 		m.inflight.Add(-1)
 		if err == nil {
 			for _, b := range bad {
+				if v.shared {
+					v.log.Warn().Str("vu", v.name).Str("member", b.dev.Path()).Int64("off", off).Msg("read error not repaired: the set is shared with other hosts (a merge repairs it)")
+					continue
+				}
 				v.repair(b, p, off)
 			}
 			return nil
@@ -705,6 +718,9 @@ func (v *VU) repair(m *member, good []byte, off int64) {
 // read the merge master and write what it holds to every other member, so
 // that any later read, from any member, returns the same data.
 func (v *VU) mergeRead(p []byte, off int64, master string) error {
+	if v.shared {
+		return v.masterRead(p, off, master)
+	}
 	unlock := v.locks.Lock(off, int64(len(p)))
 	defer unlock()
 	v.mu.RLock()
@@ -744,4 +760,45 @@ func (v *VU) mergeRead(p []byte, off int64, master string) error {
 		}
 	}
 	return nil
+}
+
+// masterRead serves a read the merge has not reached on a shared set: from
+// the merge master alone, with no write (see Config.Shared).
+func (v *VU) masterRead(p []byte, off int64, master string) error {
+	v.mu.RLock()
+	src := v.find(master)
+	if src == nil || src.role != Full {
+		src = nil
+	}
+	v.mu.RUnlock()
+	if src == nil {
+		// The master left: any full member is as good as another until the
+		// merge says otherwise, but reads must not be balanced.
+		return v.ReadAtNoMerge(p, off)
+	}
+	src.inflight.Add(1)
+	_, err := src.dev.ReadAt(p, off)
+	src.inflight.Add(-1)
+	if err != nil {
+		return fmt.Errorf("vu %s: merge-time read from master %s: %w", v.name, src.dev.Path(), err)
+	}
+	return nil
+}
+
+// ReadAtNoMerge reads from the first full member in path order: the same
+// member on every host.
+func (v *VU) ReadAtNoMerge(p []byte, off int64) error {
+	v.mu.RLock()
+	var src *member
+	for _, m := range v.members {
+		if m.role == Full && (src == nil || m.dev.Path() < src.dev.Path()) {
+			src = m
+		}
+	}
+	v.mu.RUnlock()
+	if src == nil {
+		return ErrNoMember
+	}
+	_, err := src.dev.ReadAt(p, off)
+	return err
 }

@@ -1,0 +1,450 @@
+package agent
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/shadow-project/shadow/bitmap"
+	"github.com/shadow-project/shadow/cluster"
+	"github.com/shadow-project/shadow/cmd/internal/device"
+	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/nbd"
+	"github.com/shadow-project/shadow/cmd/internal/vu"
+	"github.com/shadow-project/shadow/shadowset"
+)
+
+// ClusterConfig joins the agent to a cluster.
+type ClusterConfig struct {
+	// Listen is the gossip address (UDP and TCP); raft and forwarding
+	// use the next TCP port.
+	Listen string
+	// Join lists gossip addresses of hosts already in the cluster; none:
+	// this host forms a new cluster (or resumes its own from StateDir).
+	Join     []string
+	StateDir string
+	// Witness: a voter that mounts nothing (a two-host cluster's third
+	// vote).
+	Witness   bool
+	GossipKey []byte
+	Timing    cluster.Timing
+}
+
+// WindowSize is how much of a shared set a merge or copy claims at once:
+// other hosts' writes there wait while it is processed. Larger windows
+// cost fewer log entries and longer stalls for writers that hit them.
+const WindowSize = 16 << 20
+
+// startCluster joins the cluster and declares this run's incarnation: its
+// first entry, which fails the previous run if the log still has it up.
+func (a *Agent) startCluster() error {
+	cc := a.cfg.Cluster
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	inc := binary.LittleEndian.Uint64(b[:]) | 1
+	a.clog = cluster.NewLog(a.host, inc, cluster.Hooks{Applied: a.applyCluster, Window: a.onWindow})
+	node, err := cluster.Start(cluster.NodeConfig{
+		Host: a.host, Listen: cc.Listen, Join: cc.Join, StateDir: cc.StateDir, Witness: cc.Witness,
+		GossipKey: cc.GossipKey, Timing: cc.Timing, Logger: a.log, FSM: a.clog, Reconciler: a.clog,
+	})
+	if err != nil {
+		return err
+	}
+	a.node = node
+	a.clog.Attach(node)
+	a.elog = a.clog
+	ctx, cancel := context.WithTimeout(a.ctx, 60*time.Second)
+	defer cancel()
+	if err := a.clog.Register(ctx, cc.Witness); err != nil {
+		node.Shutdown()
+		return fmt.Errorf("agent: join the cluster's log: %w", err)
+	}
+	a.log.Info().Str("host", a.host).Str("gossip", cc.Listen).Strs("join", cc.Join).Bool("witness", cc.Witness).Str("leader", node.Leader()).Msg("cluster joined")
+	return nil
+}
+
+// stopCluster leaves the cluster (graceful) or just stops.
+func (a *Agent) stopCluster(graceful bool) {
+	if a.node == nil {
+		return
+	}
+	if graceful {
+		a.node.Leave()
+	} else {
+		a.node.Shutdown()
+	}
+}
+
+// clustered reports whether other hosts may share this agent's sets.
+func (a *Agent) clustered() bool { return a.clog != nil }
+
+// applyCluster is the cluster log's hook: the core's decisions, then what
+// another host's change means for this host's view of a set it mounts.
+func (a *Agent) applyCluster(ev shadowset.Event, origin string, rd shadowset.Ready) {
+	a.apply(rd)
+	if origin == a.host {
+		return
+	}
+	switch ev.Kind {
+	case shadowset.EvIOError, shadowset.EvRemoveMember:
+		a.remoteRemoved(ev.Set, ev.Member)
+	case shadowset.EvAddMember:
+		a.remoteAdded(ev.Set, ev.Member)
+	}
+}
+
+// remoteRemoved takes out of this host's VU a member another host
+// removed or expelled (that host wrote the metadata).
+func (a *Agent) remoteRemoved(set, path string) {
+	a.mu.Lock()
+	vol := a.sets[set]
+	a.mu.Unlock()
+	if vol == nil {
+		return
+	}
+	vol.mdMu.Lock()
+	m, ok := vol.members[path]
+	delete(vol.members, path)
+	vol.mdMu.Unlock()
+	if !ok {
+		return
+	}
+	if err := vol.vu.RemoveMember(path); err != nil {
+		a.log.Warn().Str("vu", set).Str("member", path).Err(err).Msg("cannot drop a member another host removed")
+	}
+	vol.retire(m.dev)
+	a.log.Warn().Str("vu", set).Str("member", path).Msg("member removed by another host")
+}
+
+// remoteAdded opens a member another host added, so that this host's
+// writes reach it before its copy starts.
+func (a *Agent) remoteAdded(set, path string) {
+	a.mu.Lock()
+	vol := a.sets[set]
+	a.mu.Unlock()
+	if vol == nil {
+		return
+	}
+	vol.mdMu.Lock()
+	_, dup := vol.members[path]
+	vol.mdMu.Unlock()
+	if dup {
+		return
+	}
+	vol.closeRetired(path)
+	dev, err := a.cfg.OpenDevice(path, device.Options{Direct: true, Shared: true})
+	if err != nil {
+		a.log.Error().Str("vu", set).Str("member", path).Err(err).Msg("cannot open a member another host added: this host's writes miss it")
+		return
+	}
+	md, _, err := meta.Read(dev)
+	if err != nil {
+		dev.Close()
+		a.log.Error().Str("vu", set).Str("member", path).Err(err).Msg("cannot read the metadata of a member another host added")
+		return
+	}
+	m := &memberRT{path: path, dev: dev, uuid: md.MemberUUID}
+	vol.mdMu.Lock()
+	vol.members[path] = m
+	vol.md.Members = slices.DeleteFunc(vol.md.Members, func(x meta.Member) bool { return x.UUID == m.uuid })
+	vol.md.Members = append(vol.md.Members, meta.Member{UUID: m.uuid, Role: meta.RoleCopyTarget, PathHint: path})
+	vol.md.Generation, vol.md.History = md.Generation, md.History
+	vol.mdMu.Unlock()
+	if err := vol.vu.AddMember(vu.MemberSpec{Dev: dev, Role: vu.CopyTarget}); err != nil {
+		a.log.Error().Str("vu", set).Str("member", path).Err(err).Msg("cannot add a member another host added")
+	}
+}
+
+// remoteWindow is the window another host's merge or copy holds on a set
+// this host mounts: this host holds the range lock over it, so none of
+// its writes are in flight there while the engine works.
+type remoteWindow struct {
+	mu     sync.Mutex
+	seq    uint64
+	unlock func()
+}
+
+// release drops the range lock held for the window, if any.
+func (rw *remoteWindow) release() {
+	rw.mu.Lock()
+	defer rw.mu.Unlock()
+	rw.seq = 0
+	if rw.unlock != nil {
+		rw.unlock()
+		rw.unlock = nil
+	}
+}
+
+// onWindow is the cluster log's window hook (under the log's lock): take
+// the range lock over another host's window, which waits for this host's
+// writes in flight there and holds back new ones, then acknowledge.
+func (a *Agent) onWindow(set string, w *cluster.Window) {
+	a.mu.Lock()
+	vol := a.sets[set]
+	a.mu.Unlock()
+	if vol == nil || vol.vu == nil {
+		return
+	}
+	rw := &vol.remote
+	rw.mu.Lock()
+	if w != nil && rw.seq == w.Seq {
+		rw.mu.Unlock()
+		return // held already
+	}
+	if rw.unlock != nil {
+		rw.unlock()
+		rw.unlock = nil
+	}
+	rw.seq = 0
+	if w == nil || w.Host == a.host {
+		rw.mu.Unlock()
+		return
+	}
+	rw.seq = w.Seq
+	rw.mu.Unlock()
+	seq, lo, n := w.Seq, w.Lo, w.Hi-w.Lo
+	a.wg.Go(func() {
+		unlock := vol.vu.Lock(lo, n)
+		rw.mu.Lock()
+		if rw.seq != seq {
+			rw.mu.Unlock()
+			unlock()
+			return
+		}
+		rw.unlock = unlock
+		rw.mu.Unlock()
+		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
+		defer cancel()
+		if err := a.clog.Ack(ctx, set, seq); err != nil && ctx.Err() == nil {
+			a.log.Warn().Str("vu", set).Uint64("window", seq).Err(err).Msg("cannot acknowledge a merge window")
+		}
+	})
+}
+
+// claimer returns the walk's Claim for an op on a shared set: before a
+// chunk, the window covering it must be acknowledged by every other host
+// that mounts the set.
+func (a *Agent) claimer(ctx context.Context, vol *volume, act shadowset.Action) func(off, n int64) error {
+	if !a.clustered() {
+		return nil
+	}
+	var hi int64 = -1
+	var lo int64
+	return func(off, n int64) error {
+		if off >= lo && off+n <= hi {
+			return nil
+		}
+		lo = off
+		hi = min(off+max(WindowSize, n), vol.size)
+		if err := a.clog.Announce(ctx, act.Set, act.Op, lo, hi); err != nil {
+			hi = -1
+			return err
+		}
+		return nil
+	}
+}
+
+// errRetryJoin: the set turned out to be held by another host: mount it as
+// a joining host instead.
+var errRetryJoin = errors.New("agent: set is mounted on another host")
+
+// mountClustered mounts a set in a cluster: a joining mount if another
+// host holds it, else a first mount (which may lose a race to another
+// host's first mount and then joins).
+func (a *Agent) mountClustered(args MountArgs) (*MountResult, error) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var sv shadowset.SetView
+		var defined bool
+		a.elog.View(func(c *shadowset.Core) { sv, defined = c.Set(args.Set) })
+		var res *MountResult
+		var err error
+		switch {
+		case defined && len(sv.Mounted) > 0:
+			res, err = a.mountJoin(args, sv)
+			if errors.Is(err, cluster.ErrNotMounted) {
+				err = errRetryJoin
+			}
+		case defined:
+			// Mounted nowhere: what the log remembers of it (ops of hosts
+			// that are gone) yields to its members' metadata.
+			if ferr := a.elog.Append(shadowset.Event{Kind: shadowset.EvForgetSet, Set: args.Set}); ferr != nil {
+				err = errRetryJoin
+				break
+			}
+			res, err = a.mountNew(args)
+		default:
+			res, err = a.mountNew(args)
+		}
+		if !errors.Is(err, errRetryJoin) || time.Now().After(deadline) {
+			return res, err
+		}
+		a.log.Info().Str("vu", args.Set).Msg("another host is mounting the set: joining it")
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// mountJoin mounts a set another host holds: the members the log lists,
+// opened shared and direct; no metadata is written (the first host made
+// the set dirty, and it stays so while any host mounts it).
+func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResult, err error) {
+	for _, p := range args.Members {
+		if !slices.ContainsFunc(sv.Members, func(m shadowset.MemberView) bool { return m.Name == p }) {
+			return nil, fmt.Errorf("mount %s: %s is not a member of the set as mounted on %v (add members on a mounted set one at a time)", args.Set, p, sv.Mounted)
+		}
+	}
+	if sv.Controller {
+		return nil, fmt.Errorf("mount %s: the set keeps write logs, which one host writes: it cannot be mounted on a second host (mounted on %v)", args.Set, sv.Mounted)
+	}
+	var devs []device.Device
+	defer func() {
+		if err != nil {
+			for _, d := range devs {
+				d.Close()
+			}
+		}
+	}()
+	var md *meta.Metadata
+	size := int64(-1)
+	vol := &volume{name: args.Set, members: map[string]*memberRT{}, stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{})}
+	var specs []vu.MemberSpec
+	for _, mv := range sv.Members {
+		dev, err := a.cfg.OpenDevice(mv.Name, device.Options{Direct: true, Shared: true})
+		if err != nil {
+			return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+		}
+		devs = append(devs, dev)
+		data, _, err := meta.Layout(dev.Size())
+		if err != nil {
+			return nil, fmt.Errorf("mount %s: %s: %w", args.Set, mv.Name, err)
+		}
+		m, _, err := meta.Read(dev)
+		if err != nil {
+			return nil, fmt.Errorf("mount %s: %s: %w", args.Set, mv.Name, err)
+		}
+		if m.SetName != args.Set || (md != nil && m.SetUUID != md.SetUUID) {
+			return nil, fmt.Errorf("mount %s: %s belongs to %s (set %s), not to the set the cluster mounts", args.Set, mv.Name, m.SetName, m.SetUUID)
+		}
+		if md == nil || m.Generation.Number > md.Generation.Number {
+			md = m
+		}
+		if size < 0 || data < size {
+			size = data
+		}
+		rt := &memberRT{path: mv.Name, dev: dev, uuid: m.MemberUUID}
+		role := vu.Full
+		if mv.Role == shadowset.CopyTarget {
+			role = vu.CopyTarget
+			rt.checkpoint.Store(m.CopyCheckpoint)
+		}
+		vol.members[mv.Name] = rt
+		specs = append(specs, vu.MemberSpec{Dev: dev, Role: role})
+	}
+	vol.md = *md
+	vol.size = size
+	if vol.bm, err = newBitmaps(bitmap.DefaultChunkSize); err != nil {
+		return nil, err
+	}
+	vol.dirty.Store(true)
+	v, err := vu.New(vu.Config{Name: args.Set, Size: size, Members: specs, Logger: a.log, Shared: true,
+		Expel: func(path string, cause error) error { return a.expel(vol, path, cause) }, Gate: vol})
+	if err != nil {
+		return nil, err
+	}
+	vol.vu = v
+	a.mu.Lock()
+	if a.sets[args.Set] != nil {
+		a.mu.Unlock()
+		return nil, fmt.Errorf("mount %s: already mounted here", args.Set)
+	}
+	a.sets[args.Set] = vol
+	a.mu.Unlock()
+	if err := a.clog.Join(args.Set); err != nil {
+		a.mu.Lock()
+		delete(a.sets, args.Set)
+		a.mu.Unlock()
+		return nil, err
+	}
+	if err := a.nbd.AddExport(nbd.Export{Name: args.Set, Description: "shadow set " + args.Set, Backend: v}); err != nil {
+		_ = a.dismountSet(args.Set)
+		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+	}
+	go vol.cleaner(a)
+	a.log.Info().Str("vu", args.Set).Int64("size", size).Strs("mounted_on", sv.Mounted).Msg("mounted (joining the hosts that hold it)")
+	return &MountResult{Set: args.Set, URI: a.URI(args.Set), Size: size}, nil
+}
+
+// mountedElsewhere reports whether another host mounts the set (the
+// caller holds the log's lock or reads a fresh view).
+func (a *Agent) mountedElsewhere(set string) bool {
+	sv, ok := a.setView(set)
+	if !ok {
+		return false
+	}
+	return slices.ContainsFunc(sv.Mounted, func(h string) bool { return h != a.host })
+}
+
+// ClusterShow is the cluster part of show.
+type ClusterShow struct {
+	Leader  string           `json:"leader"`
+	Hosts   []HostShow       `json:"hosts"`
+	Servers []cluster.Server `json:"raft_servers"`
+	// Warnings: e.g. the cluster could not survive the loss of one host.
+	Warnings []string `json:"warnings,omitempty"`
+}
+
+// HostShow is one host in the cluster view.
+type HostShow struct {
+	Host    string `json:"host"`
+	State   string `json:"state"` // up, failed
+	Gossip  bool   `json:"gossip"`
+	Witness bool   `json:"witness,omitempty"`
+	Leader  bool   `json:"leader,omitempty"`
+	Voter   bool   `json:"voter,omitempty"`
+}
+
+func (a *Agent) clusterShow() *ClusterShow {
+	if a.node == nil {
+		return nil
+	}
+	cs := &ClusterShow{Leader: a.node.Leader(), Servers: a.node.Servers()}
+	alive := a.node.Alive()
+	var hosts []shadowset.HostView
+	a.elog.View(func(c *shadowset.Core) { hosts = c.Hosts() })
+	seen := map[string]bool{}
+	voter := func(h string) bool {
+		return slices.ContainsFunc(cs.Servers, func(s cluster.Server) bool { return s.Host == h && s.Voter })
+	}
+	for _, h := range hosts {
+		st := "failed"
+		if h.Alive {
+			st = "up"
+		}
+		g := slices.ContainsFunc(alive, func(p cluster.Peer) bool { return p.Host == h.Name })
+		cs.Hosts = append(cs.Hosts, HostShow{Host: h.Name, State: st, Gossip: g, Leader: h.Name == cs.Leader, Voter: voter(h.Name)})
+		seen[h.Name] = true
+	}
+	for _, p := range alive {
+		if !seen[p.Host] {
+			cs.Hosts = append(cs.Hosts, HostShow{Host: p.Host, State: "up", Gossip: true, Witness: p.Witness, Leader: p.Host == cs.Leader, Voter: voter(p.Host)})
+		}
+	}
+	voters, up := 0, 0
+	for _, s := range cs.Servers {
+		if s.Voter {
+			voters++
+			if slices.ContainsFunc(alive, func(p cluster.Peer) bool { return p.Host == s.Host }) {
+				up++
+			}
+		}
+	}
+	if up-1 < voters/2+1 {
+		cs.Warnings = append(cs.Warnings, fmt.Sprintf("the cluster cannot survive the loss of one host: %d of %d raft voters up, %d needed for a quorum", up, voters, voters/2+1))
+	}
+	return cs
+}
