@@ -88,6 +88,7 @@ func agentCommand() *cli.Command {
 			&cli.DurationFlag{Name: "probe-interval", Value: cluster.DefaultTiming.ProbeInterval, Usage: "failure detection: how often each host probes a peer"},
 			&cli.DurationFlag{Name: "probe-timeout", Value: cluster.DefaultTiming.ProbeTimeout, Usage: "failure detection: how long a probe waits before asking others"},
 			&cli.IntFlag{Name: "suspicion-mult", Value: cluster.DefaultTiming.SuspicionMult, Usage: "failure detection: a suspect is declared failed after this × probe-interval × log10(hosts)"},
+			&cli.DurationFlag{Name: "recovery-delay", Usage: "set the cluster-wide recovery delay (Table 8-1's Delay) at start; default: keep the cluster's (20s when new)"},
 			&cli.DurationFlag{Name: "raft-heartbeat", Value: cluster.DefaultTiming.RaftHeartbeat, Usage: "raft heartbeat and election timeout"},
 		},
 		Action: func(cc *cli.Context) error {
@@ -110,12 +111,17 @@ func agentCommand() *cli.Command {
 			if err != nil {
 				return cli.Exit("agent: "+err.Error(), 2)
 			}
-			a, err := agent.New(agent.Config{
+			cfgA := agent.Config{
 				Host: cc.String("host"), Socket: cc.String("socket"),
 				NBDUnix: cc.String("nbd-unix"), NBDTCP: cc.String("nbd-listen"),
 				MinRate: cc.Int64("min-rate"), MaxRate: cc.Int64("max-rate"),
 				CleanAfter: cc.Duration("clean-after"), Logger: log, Cluster: cl,
-			})
+			}
+			if cc.IsSet("recovery-delay") {
+				d := cc.Duration("recovery-delay")
+				cfgA.RecoveryDelay = &d
+			}
+			a, err := agent.New(cfgA)
 			if err != nil {
 				return err
 			}

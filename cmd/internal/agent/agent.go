@@ -48,6 +48,9 @@ type Config struct {
 	// Cluster, if set, joins a cluster; nil: a cluster of one (this host
 	// alone, the in-process log).
 	Cluster *ClusterConfig
+	// RecoveryDelay, if set, becomes the cluster-wide recovery delay
+	// (Table 8-1's Delay; default 20 s) when this agent starts.
+	RecoveryDelay *time.Duration
 }
 
 // Agent is one host's agent.
@@ -116,6 +119,14 @@ func New(cfg Config) (*Agent, error) {
 			a.closeListeners()
 			cancel()
 			return nil, err
+		}
+	}
+	if cfg.RecoveryDelay != nil {
+		if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvSetDelay, Duration: *cfg.RecoveryDelay}); err != nil {
+			a.closeListeners()
+			a.stopCluster(false)
+			cancel()
+			return nil, fmt.Errorf("agent: recovery delay: %w", err)
 		}
 	}
 	api, err := ListenAPI(cfg.Socket, a.handlers(), cfg.Logger)
