@@ -5,7 +5,7 @@ BIN       := bin/shadow
 
 .DEFAULT_GOAL := help
 
-.PHONY: help build run replay tools test testrace lint fuzz cover rewrite check bench
+.PHONY: help build run replay tools test clustertest testrace lint fuzz cover rewrite check bench
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -28,6 +28,11 @@ tools: ## install the Debian tools the end-to-end tests drive (when missing)
 
 test: tools ## run every test: unit, replay scripts, golden traces, fuzz seeds, end to end with real tools
 	$(GO) test -count=1 -timeout 60m ./...
+
+CLUSTER_REPEAT ?= 10
+
+clustertest: tools ## the cluster end-to-end scenarios, each repeated CLUSTER_REPEAT times (10) with random timing
+	SHADOW_CLUSTER_REPEAT=$(CLUSTER_REPEAT) $(GO) test -count=1 -timeout 60m -run '^TestClusterE2E' -v ./cmd/shadow
 
 testrace: ## run the tests under the race detector (-short: the end-to-end tests drive a separate binary)
 	$(GO) test -race -short -count=1 -timeout 60m ./...
@@ -60,4 +65,4 @@ cover: ## coverage report in coverage.out, summary on stdout
 rewrite: ## regenerate the golden traces in shadowset/testdata (review the diff!)
 	$(GO) test ./shadowset -run TestInteraction -rewrite
 
-check: lint test testrace ## everything CI runs
+check: lint test clustertest testrace ## everything CI runs

@@ -19,6 +19,8 @@ import (
 const (
 	streamRaft    byte = 'R'
 	streamForward byte = 'F'
+	// streamApplied asks a host to answer once it has applied an index.
+	streamApplied byte = 'W'
 )
 
 // mux accepts connections on the cluster's TCP port and sorts them by
@@ -27,6 +29,9 @@ type mux struct {
 	ln      net.Listener
 	raftCh  chan net.Conn
 	forward func(net.Conn)
+	// applied serves streamApplied (set before the host is known to
+	// anyone: nil closes such connections).
+	applied func(net.Conn)
 	closed  chan struct{}
 	once    sync.Once
 }
@@ -67,6 +72,12 @@ func (m *mux) accept() {
 				}
 			case streamForward:
 				m.forward(c)
+			case streamApplied:
+				if m.applied == nil {
+					c.Close()
+					return
+				}
+				m.applied(c)
 			default:
 				c.Close()
 			}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"time"
 
 	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
@@ -51,6 +52,9 @@ func (a *Agent) startRun(act shadowset.Action) {
 	a.wg.Go(func() {
 		defer close(r.done)
 		defer cancel()
+		if err := a.waitInForce(ctx, act); err != nil {
+			return
+		}
 		var err error
 		if act.OpKind.IsMerge() {
 			err = a.runMerge(ctx, vol, act, f, work)
@@ -69,6 +73,26 @@ func (a *Agent) startRun(act shadowset.Action) {
 			a.runFailed(ctx, vol, act, err)
 		}
 	})
+}
+
+// waitInForce holds an engine on a shared set until every host that mounts
+// it has applied what this host has: a copy target must receive every
+// host's writes before the copy passes over them, and a merge must not
+// start before every host reads from its master. It gives up only when
+// the run is stopped.
+func (a *Agent) waitInForce(ctx context.Context, act shadowset.Action) error {
+	if !a.clustered() {
+		return nil
+	}
+	for {
+		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := a.clog.InForce(wctx, act.Set)
+		cancel()
+		if err == nil || ctx.Err() != nil {
+			return ctx.Err()
+		}
+		a.log.Warn().Str("vu", act.Set).Uint64("op", uint64(act.Op)).Err(err).Msg("waiting for every host to apply the change before starting")
+	}
 }
 
 func (a *Agent) report(act shadowset.Action, kind shadowset.EventKind, lbn uint64) shadowset.Event {

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -874,6 +875,18 @@ func (a *Agent) expel(vol *volume, path string, cause error) error {
 	vol.mdMu.Unlock()
 	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvIOError, Set: vol.name, Member: path, Host: a.host}); err != nil {
 		return err
+	}
+	if a.clustered() {
+		// Every host that mounts the set must stop reading and writing
+		// the member before this host acknowledges the write that failed
+		// there: until then another host could still read the old data
+		// from it.
+		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
+		err := a.clog.InForce(ctx, vol.name)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("expel %s: %w", path, err)
+		}
 	}
 	if role == vu.Full {
 		// The automatic minicopy bitmap: every chunk written since the
