@@ -51,6 +51,11 @@ type entry struct {
 	// Witness, on an incarnation: the host votes but mounts nothing, so
 	// the core never hears of it.
 	Witness bool `json:"witness,omitempty"`
+	// HostInc, on an event that names a host (the leader's record of a
+	// failure): the run of that host the proposer saw. The entry is stale
+	// if the host has registered another run since: the failure was the
+	// previous run's, which its successor's registration already ended.
+	HostInc uint64 `json:"hi,omitempty"`
 }
 
 // Window is a range a merge or copy is about to process on a set.
@@ -100,12 +105,20 @@ type Log struct {
 	// replayed before it (the log of earlier runs) update the core but
 	// reach no hook: they speak of processes that are gone.
 	live bool
+	// registered: when this host applied each host's latest registration
+	// (its own clock; not part of the replicated state). The leader gives
+	// a new run time to show up in its gossip before taking its absence
+	// for a failure.
+	registered map[string]time.Time
 }
+
+// Incarnation is the run of this host's agent the log belongs to.
+func (l *Log) Incarnation() uint64 { return l.inc }
 
 // NewLog makes the state machine; Start it with a node.
 func NewLog(host string, inc uint64, hooks Hooks) *Log {
 	return &Log{host: host, inc: inc, core: shadowset.New(), incs: map[string]uint64{}, windows: map[string]*Window{},
-		hooks: hooks, changed: make(chan struct{}), timers: map[time.Duration]*time.Timer{}}
+		hooks: hooks, changed: make(chan struct{}), timers: map[time.Duration]*time.Timer{}, registered: map[string]time.Time{}}
 }
 
 // Attach connects the log to its node (after Start).
@@ -157,7 +170,7 @@ func (l *Log) propose(ctx context.Context, e entry) error {
 		// sentinels callers test for.
 		for _, s := range []error{shadowset.ErrBadEvent, shadowset.ErrUnknownHost, shadowset.ErrUnknownSet, ErrStaleIncarnation, ErrNotMounted} {
 			if containsAny(err.Error(), s.Error()) {
-				return fmt.Errorf("%w: %s", s, err.Error())
+				return fmt.Errorf("%w: %w", s, err)
 			}
 		}
 	}
@@ -187,6 +200,9 @@ func (l *Log) Apply(index uint64, data []byte) error {
 		if e.Ev == nil {
 			return fmt.Errorf("%w: event entry without an event", shadowset.ErrBadEvent)
 		}
+		if e.HostInc != 0 && l.incs[e.Ev.Host] != e.HostInc {
+			return fmt.Errorf("%w: %s of %s incarnation %x (current %x)", ErrStaleIncarnation, e.Ev.Kind, e.Ev.Host, e.HostInc, l.incs[e.Ev.Host])
+		}
 		if e.Join {
 			sv, ok := l.core.Set(e.Ev.Set)
 			if !ok || len(sv.Mounted) == 0 {
@@ -197,6 +213,9 @@ func (l *Log) Apply(index uint64, data []byte) error {
 	case entryWindow:
 		return l.applyWindow(e)
 	case entryAck:
+		if e.Win == nil {
+			return fmt.Errorf("%w: ack entry without a window", shadowset.ErrBadEvent)
+		}
 		w := l.windows[e.Win.Set]
 		if w != nil && w.Seq == e.Win.Seq && !slices.Contains(w.Acked, e.Host) {
 			w.Acked = append(w.Acked, e.Host)
@@ -207,11 +226,28 @@ func (l *Log) Apply(index uint64, data []byte) error {
 	return fmt.Errorf("%w: unknown entry type %q", shadowset.ErrBadEvent, e.Type)
 }
 
-func (l *Log) applyIncarnation(e entry) error {
+func (l *Log) applyIncarnation(e entry) (err error) {
 	prev, had := l.incs[e.Host]
+	wasLive := l.live
+	defer func() {
+		// A refused registration changes nothing (the core refuses a bad
+		// host name before it changes anything itself).
+		if err != nil {
+			if had {
+				l.incs[e.Host] = prev
+			} else {
+				delete(l.incs, e.Host)
+			}
+			l.live = wasLive
+			delete(l.registered, e.Host)
+		}
+	}()
 	l.incs[e.Host] = e.Inc
 	if e.Host == l.host && e.Inc == l.inc {
 		l.live = true
+	}
+	if !had || prev != e.Inc {
+		l.registered[e.Host] = time.Now()
 	}
 	if e.Witness {
 		return nil
@@ -385,23 +421,60 @@ func (l *Log) LeaderChanged(leader bool) {
 
 // Reconcile implements Reconciler: hosts the core has up that gossip no
 // longer sees alive have failed.
+//
+// Gossip and the log are not ordered: a run that has just registered may
+// still be dead in this host's gossip (the previous run's death, until
+// the new run's refutation arrives). Gossip names the run (Peer.Inc): a
+// host fails at once when gossip saw its current run go; when gossip's
+// last word on it is about another run (or nothing), only once the run
+// has been registered for registerGrace without gossip showing it alive.
+// Each failure names the run it is about, so one that lands after the
+// host registered a new run is refused as stale instead of failing the
+// new run.
 func (l *Log) Reconcile(alive []Peer) {
+	type failure struct {
+		host string
+		inc  uint64
+	}
 	l.mu.Lock()
-	var failed []string
+	var failed []failure
+	grace := l.registerGrace()
 	for _, h := range l.core.Hosts() {
-		if h.Alive && !slices.ContainsFunc(alive, func(p Peer) bool { return p.Host == h.Name }) {
-			failed = append(failed, h.Name)
+		if !h.Alive || slices.ContainsFunc(alive, func(p Peer) bool { return p.Host == h.Name }) {
+			continue
 		}
+		inc := l.incs[h.Name]
+		if d, ok := l.node.departed(h.Name); !ok || d.peer.Inc != inc || inc == 0 {
+			if at, ok := l.registered[h.Name]; ok && time.Since(at) < grace {
+				continue
+			}
+		}
+		failed = append(failed, failure{h.Name, inc})
 	}
 	l.mu.Unlock()
-	for _, h := range failed {
-		err := l.Append(shadowset.Event{Kind: shadowset.EvHostFailed, Host: h})
-		if err != nil && !errors.Is(err, shadowset.ErrBadEvent) && !errors.Is(err, shadowset.ErrUnknownHost) {
-			l.node.log.Warn().Err(err).Str("peer", h).Msg("cannot record the host's failure")
-		} else if err == nil {
-			l.node.log.Warn().Str("peer", h).Msg("host failed: recorded in the log")
+	for _, f := range failed {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		err := l.propose(ctx, entry{Type: entryEvent, Ev: &shadowset.Event{Kind: shadowset.EvHostFailed, Host: f.host}, HostInc: f.inc})
+		cancel()
+		switch {
+		case err == nil:
+			l.node.log.Warn().Str("peer", f.host).Msg("host failed: recorded in the log")
+		case errors.Is(err, shadowset.ErrBadEvent), errors.Is(err, shadowset.ErrUnknownHost), errors.Is(err, ErrStaleIncarnation):
+			// Already failed, or a new run registered meanwhile.
+		default:
+			l.node.log.Warn().Err(err).Str("peer", f.host).Msg("cannot record the host's failure")
 		}
 	}
+}
+
+// registerGrace is how long a newly registered run may stay out of the
+// leader's gossip before it counts as failed: long enough for the run's
+// refutation of its predecessor's death to spread.
+func (l *Log) registerGrace() time.Duration {
+	if l.node == nil {
+		return 0
+	}
+	return 10 * l.node.cfg.Timing.ProbeInterval
 }
 
 // View runs f with the core under the log's lock.
@@ -481,11 +554,18 @@ func (l *Log) Restore(b []byte) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.core, l.incs, l.windows, l.seq, l.history = c, s.Incs, s.Windows, s.Seq, s.History
+	l.registered = map[string]time.Time{}
 	if l.incs == nil {
 		l.incs = map[string]uint64{}
 	}
 	if l.windows == nil {
 		l.windows = map[string]*Window{}
+	}
+	// A snapshot taken after this incarnation registered (a host that
+	// fell behind gets one from the leader) makes it live, as applying
+	// the registration would have.
+	if l.incs[l.host] == l.inc {
+		l.live = true
 	}
 	return nil
 }

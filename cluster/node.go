@@ -57,7 +57,7 @@ type Timing struct {
 }
 
 // DefaultTiming is the timing the agent uses unless told otherwise.
-var DefaultTiming = Timing{ProbeInterval: 400 * time.Millisecond, ProbeTimeout: 200 * time.Millisecond, SuspicionMult: 3, RaftHeartbeat: 500 * time.Millisecond}
+var DefaultTiming = Timing{ProbeInterval: 300 * time.Millisecond, ProbeTimeout: 200 * time.Millisecond, SuspicionMult: 3, RaftHeartbeat: 500 * time.Millisecond}
 
 // NodeConfig configures a Node.
 type NodeConfig struct {
@@ -108,6 +108,9 @@ type Peer struct {
 	Gossip  string `json:"gossip"`
 	Raft    string `json:"raft"`
 	Witness bool   `json:"witness,omitempty"`
+	// Inc is the run (incarnation) of the host's agent gossip speaks of;
+	// zero if its state machine does not say.
+	Inc uint64 `json:"inc,omitempty"`
 }
 
 // nodeMeta is what each host gossips about itself (memberlist NodeMeta).
@@ -115,7 +118,13 @@ type nodeMeta struct {
 	Raft    string `json:"r"`
 	Witness bool   `json:"w,omitempty"`
 	Version int    `json:"v"`
+	Inc     uint64 `json:"i,omitempty"`
 }
+
+// incarnated is a state machine that knows which run of this host's agent
+// it belongs to (Log does): gossip then names the run, so that the leader
+// can tell the death of a previous run from the death of the current one.
+type incarnated interface{ Incarnation() uint64 }
 
 // Node is this host's membership in the cluster: gossip, raft, and the
 // forwarding of proposals to the leader.
@@ -138,6 +147,19 @@ type Node struct {
 	stop   chan struct{}
 	done   sync.WaitGroup
 	closed sync.Once
+
+	// gone: the last departure gossip reported for each host not alive
+	// now (which run it was, when).
+	gone struct {
+		sync.Mutex
+		m map[string]departure
+	}
+}
+
+// departure is a host gossip saw fail or leave.
+type departure struct {
+	peer Peer
+	at   time.Time
 }
 
 // Start joins (or forms) the cluster.
@@ -163,13 +185,19 @@ func Start(cfg NodeConfig) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, log: cfg.Logger.With().Str("component", "cluster").Logger(), events: make(chan struct{}, 1), stop: make(chan struct{})}
 	n.applied.cond = make(chan struct{})
+	n.gone.m = map[string]departure{}
 	raftAddr := net.JoinHostPort(host, strconv.Itoa(port+1))
-	n.self = Peer{Host: cfg.Host, Gossip: cfg.Listen, Raft: raftAddr, Witness: cfg.Witness}
-	n.meta, _ = json.Marshal(nodeMeta{Raft: raftAddr, Witness: cfg.Witness, Version: 1})
+	var inc uint64
+	if ic, ok := cfg.FSM.(incarnated); ok {
+		inc = ic.Incarnation()
+	}
+	n.self = Peer{Host: cfg.Host, Gossip: cfg.Listen, Raft: raftAddr, Witness: cfg.Witness, Inc: inc}
+	n.meta, _ = json.Marshal(nodeMeta{Raft: raftAddr, Witness: cfg.Witness, Version: 1, Inc: inc})
 
 	if n.mux, err = newMux(raftAddr, n.serveForward); err != nil {
 		return nil, err
 	}
+	n.mux.applied = n.serveApplied
 	fail := func(err error) (*Node, error) { n.shutdownAll(); return nil, err }
 	if err := n.startRaft(); err != nil {
 		return fail(err)
@@ -228,6 +256,11 @@ func (n *Node) startGossip(host string, port int) error {
 	mc.ProbeInterval = n.cfg.Timing.ProbeInterval
 	mc.ProbeTimeout = n.cfg.Timing.ProbeTimeout
 	mc.SuspicionMult = n.cfg.Timing.SuspicionMult
+	// A suspect may refute for SuspicionMult × ProbeInterval (× log10 of
+	// the hosts, at least 1), stretched to at most twice that while too
+	// few peers confirm the suspicion: memberlist's default stretch (6×)
+	// would let a dead host linger for seconds in a three-host cluster.
+	mc.SuspicionMaxTimeoutMult = 2
 	mc.GossipInterval = 100 * time.Millisecond
 	mc.Delegate = delegate{n}
 	mc.Events = events{n}
@@ -267,6 +300,9 @@ func (w zlogWriter) Write(p []byte) (int, error) {
 	}
 	lvl := zerolog.DebugLevel
 	switch {
+	case containsAny(s, "connection refused", "i/o timeout", "failed to contact", "heartbeat timeout reached"):
+		// A dead peer: gossip reports it once; raft would repeat it
+		// every few milliseconds.
 	case containsAny(s, "[ERR]", "[ERROR]", "error"):
 		lvl = zerolog.WarnLevel
 	case containsAny(s, "[WARN]"):
@@ -299,10 +335,16 @@ type events struct{ n *Node }
 
 func (e events) NotifyJoin(nd *memberlist.Node) {
 	e.n.log.Info().Str("peer", nd.Name).Str("addr", nd.Address()).Msg("gossip: host joined")
+	e.n.gone.Lock()
+	delete(e.n.gone.m, nd.Name)
+	e.n.gone.Unlock()
 	e.n.poke()
 }
 func (e events) NotifyLeave(nd *memberlist.Node) {
 	e.n.log.Warn().Str("peer", nd.Name).Str("addr", nd.Address()).Msg("gossip: host failed or left")
+	e.n.gone.Lock()
+	e.n.gone.m[nd.Name] = departure{peer: peerOf(nd), at: time.Now()}
+	e.n.gone.Unlock()
 	e.n.poke()
 }
 func (e events) NotifyUpdate(*memberlist.Node) { e.n.poke() }
@@ -318,12 +360,25 @@ func (n *Node) poke() {
 func (n *Node) Alive() []Peer {
 	var out []Peer
 	for _, m := range n.ml.Members() {
-		var md nodeMeta
-		_ = json.Unmarshal(m.Meta, &md)
-		out = append(out, Peer{Host: m.Name, Gossip: m.Address(), Raft: md.Raft, Witness: md.Witness})
+		out = append(out, peerOf(m))
 	}
 	slices.SortFunc(out, func(a, b Peer) int { return cmpString(a.Host, b.Host) })
 	return out
+}
+
+func peerOf(m *memberlist.Node) Peer {
+	var md nodeMeta
+	_ = json.Unmarshal(m.Meta, &md)
+	return Peer{Host: m.Name, Gossip: m.Address(), Raft: md.Raft, Witness: md.Witness, Inc: md.Inc}
+}
+
+// departed returns gossip's last report of a host's failure or departure,
+// if it is not alive since.
+func (n *Node) departed(host string) (departure, bool) {
+	n.gone.Lock()
+	defer n.gone.Unlock()
+	d, ok := n.gone.m[host]
+	return d, ok
 }
 
 func cmpString(a, b string) int {

@@ -87,15 +87,15 @@ func (a *Agent) clustered() bool { return a.clog != nil }
 // another host's change means for this host's view of a set it mounts.
 func (a *Agent) applyCluster(ev shadowset.Event, origin string, rd shadowset.Ready) {
 	a.apply(rd)
-	if origin == a.host {
-		return
+	if origin != a.host {
+		switch ev.Kind {
+		case shadowset.EvIOError, shadowset.EvRemoveMember:
+			a.remoteRemoved(ev.Set, ev.Member)
+		case shadowset.EvAddMember:
+			a.remoteAdded(ev.Set, ev.Member)
+		}
 	}
-	switch ev.Kind {
-	case shadowset.EvIOError, shadowset.EvRemoveMember:
-		a.remoteRemoved(ev.Set, ev.Member)
-	case shadowset.EvAddMember:
-		a.remoteAdded(ev.Set, ev.Member)
-	}
+	a.syncMetaAll(ev)
 }
 
 // remoteRemoved takes out of this host's VU a member another host
@@ -447,4 +447,139 @@ func (a *Agent) clusterShow() *ClusterShow {
 		cs.Warnings = append(cs.Warnings, fmt.Sprintf("the cluster cannot survive the loss of one host: %d of %d raft voters up, %d needed for a quorum", up, voters, voters/2+1))
 	}
 	return cs
+}
+
+// One metadata writer per set. On a set several hosts mount, the members'
+// metadata is written by one host only: the first, by name, of those the
+// log has mounting it (the first to mount writes the dirty flag, the last
+// to dismount the clean flag, and they are the writer then). The writer
+// makes the metadata say what the log says whenever a change reaches it
+// (membership, roles, copy checkpoints), reading the members' newest
+// metadata first, because the previous writer may have been another host.
+// Since the writer is a function of the log, two hosts never write one
+// slot; a host that stops being the writer has applied the entry that
+// says so before the next one acts on it, except across a handover where
+// the previous writer lags behind the log (the fencing issue's leases
+// close that).
+
+// writesMetaLocked reports whether this host writes set's metadata (under
+// the log's lock).
+func (a *Agent) writesMetaLocked(set string) bool {
+	if !a.clustered() {
+		return true
+	}
+	sv, ok := a.elog.Locked().Set(set)
+	return ok && len(sv.Mounted) > 0 && sv.Mounted[0] == a.host
+}
+
+// metaEvent reports whether an event may change what a set's metadata
+// says, or who writes it.
+func metaEvent(ev shadowset.Event, sv shadowset.SetView) bool {
+	switch ev.Kind {
+	case shadowset.EvIOError, shadowset.EvRemoveMember, shadowset.EvAddMember, shadowset.EvComplete,
+		shadowset.EvDismount, shadowset.EvHostFailed, shadowset.EvMount:
+		return true
+	case shadowset.EvProgress:
+		// Copy checkpoints live in the target's metadata, so that a copy
+		// continues after the whole cluster went down.
+		return slices.ContainsFunc(sv.Ops, func(o shadowset.OpView) bool { return o.Kind.IsCopy() && o.State == shadowset.Running })
+	}
+	return false
+}
+
+// syncMetaAll runs after each applied event (under the log's lock): the
+// writer of each affected set brings its metadata in line with the log.
+func (a *Agent) syncMetaAll(ev shadowset.Event) {
+	a.mu.Lock()
+	vols := make([]*volume, 0, len(a.sets))
+	for name, vol := range a.sets {
+		if vol.vu != nil && (ev.Set == "" || ev.Set == name) {
+			vols = append(vols, vol)
+		}
+	}
+	a.mu.Unlock()
+	for _, vol := range vols {
+		sv, ok := a.elog.Locked().Set(vol.name)
+		if !ok || !metaEvent(ev, sv) || !a.writesMetaLocked(vol.name) {
+			continue
+		}
+		if err := vol.syncMeta(sv); err != nil {
+			a.log.Error().Str("vu", vol.name).Err(err).Msg("cannot record the set's state in its metadata")
+		}
+	}
+}
+
+// reloadLocked replaces the in-memory metadata with the newest the
+// members hold (the caller holds mdMu): another host may have written it
+// since this one did.
+func (vol *volume) reloadLocked(only func(path string) bool) {
+	var newest *meta.Metadata
+	for _, path := range sortedKeys(vol.members) {
+		if only != nil && !only(path) {
+			continue
+		}
+		md, _, err := meta.Read(vol.members[path].dev)
+		if err != nil || md.SetUUID != vol.md.SetUUID {
+			continue
+		}
+		if newest == nil || md.Generation.Number > newest.Generation.Number ||
+			(md.Generation.Number == newest.Generation.Number && md.Seq > newest.Seq) {
+			newest = md
+		}
+	}
+	if newest != nil {
+		vol.md = *newest
+		vol.md.Members = slices.Clone(newest.Members)
+		vol.md.History = slices.Clone(newest.History)
+	}
+}
+
+// syncMeta writes, on every member the log lists, metadata that says what
+// the log says: the member table and roles (a new generation when they
+// changed), copy checkpoints, and dirty (the set is mounted).
+func (vol *volume) syncMeta(sv shadowset.SetView) error {
+	vol.mdMu.Lock()
+	defer vol.mdMu.Unlock()
+	inView := func(path string) bool {
+		return slices.ContainsFunc(sv.Members, func(m shadowset.MemberView) bool { return m.Name == path })
+	}
+	vol.reloadLocked(inView)
+	var table []meta.Member
+	for _, mv := range sv.Members {
+		rt := vol.members[mv.Name]
+		if rt == nil {
+			continue
+		}
+		role := meta.RoleFull
+		if mv.Role == shadowset.CopyTarget {
+			role = meta.RoleCopyTarget
+		}
+		table = append(table, meta.Member{UUID: rt.uuid, Role: role, PathHint: mv.Name})
+	}
+	for _, old := range vol.md.Members {
+		if !slices.ContainsFunc(table, func(m meta.Member) bool { return m.UUID == old.UUID }) {
+			old.Role = meta.RoleRemoved
+			table = append(table, old)
+		}
+	}
+	if !sameMembership(vol.md.Members, table) {
+		vol.md.NextGeneration()
+	}
+	vol.md.Members = table
+	vol.md.Dirty = true
+	for _, op := range sv.Ops {
+		if rt := vol.members[op.Target]; rt != nil && op.Kind.IsCopy() {
+			rt.checkpoint.Store(op.LBN)
+		}
+	}
+	var errs []error
+	for _, path := range sortedKeys(vol.members) {
+		if !inView(path) {
+			continue // left the set: it keeps what it had
+		}
+		if err := vol.writeOneLocked(vol.members[path]); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }

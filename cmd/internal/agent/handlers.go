@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"slices"
+	"time"
 
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/vu"
@@ -212,7 +213,9 @@ func (a *Agent) dismountMember(name, path, policy string) error {
 	keep := mc != NoMinicopy
 	if keep {
 		why := ""
-		if _, role, _ := vol.vu.Device(path); role != vu.Full {
+		if a.clustered() && a.mountedElsewhere(name) {
+			why = "other hosts write the set, and a minicopy bitmap here would miss their writes (write bitmaps across hosts are not built yet)"
+		} else if _, role, _ := vol.vu.Device(path); role != vu.Full {
 			why = "it is a copy target, not a full member"
 		} else if sv, ok := a.setView(name); ok {
 			for _, op := range sv.Ops {
@@ -236,6 +239,15 @@ func (a *Agent) dismountMember(name, path, policy string) error {
 	// A copy to the member is dropped by the core; wait for its engine
 	// before the member leaves the I/O path.
 	a.waitStopped(old)
+	if a.clustered() {
+		// Every other host has stopped writing it too.
+		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
+		err := a.clog.InForce(ctx, name)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("dismount %s --member %s: %w", name, path, err)
+		}
+	}
 	// With no write in flight, the member leaves the I/O path and its
 	// bitmap starts: it holds every write before, the bitmap every write
 	// after.
@@ -253,8 +265,10 @@ func (a *Agent) dismountMember(name, path, policy string) error {
 	flushErr := m.dev.Flush()
 	vol.setRole(path, meta.RoleRemoved)
 	vol.forgetKeepTable(path)
-	if err := vol.writeAll(); err != nil {
-		return err
+	if !a.clustered() { // (a cluster's metadata writer recorded it from the log)
+		if err := vol.writeAll(); err != nil {
+			return err
+		}
 	}
 	if flushErr != nil {
 		vol.bm.dropMinicopy(path)

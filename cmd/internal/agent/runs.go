@@ -282,7 +282,7 @@ func (a *Agent) runCopy(ctx context.Context, vol *volume, act shadowset.Action, 
 		Plan: a.plan(ctx, vol, act, work, func(lbn uint64) {
 			// The target is flushed below lbn: record it in its metadata so
 			// the copy can be continued there, before the core hears of it.
-			if target != nil {
+			if target != nil && !a.clustered() { // (a cluster's metadata writer records it from the log)
 				target.checkpoint.Store(lbn)
 				vol.mdMu.Lock()
 				err := vol.writeOneLocked(target)
@@ -311,9 +311,9 @@ func (a *Agent) finished(act shadowset.Action) {
 	if vol == nil {
 		return
 	}
-	// On a shared set the op's host alone records the outcome in the
-	// metadata; the others update their view.
-	recorder := !a.clustered() || act.Host == a.host
+	// In a cluster the set's metadata writer records the outcome from the
+	// log (syncMeta); here only the view changes.
+	recorder := !a.clustered()
 	if act.OpKind.IsMerge() && recorder {
 		if err := a.mergeUnderway(vol, false); err != nil {
 			a.log.Error().Str("vu", act.Set).Err(err).Msg("cannot record the completed merge")

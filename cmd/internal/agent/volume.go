@@ -650,7 +650,20 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	vol.md.NextGeneration()
 	vol.members[path] = m
 	vol.mdMu.Unlock()
-	if err := vol.writeAll(); err != nil {
+	write := vol.writeAll
+	if a.clustered() {
+		// Only the new member, which no other host writes yet: the set's
+		// metadata writer records it in every member once the log has it.
+		write = func() error {
+			vol.mdMu.Lock()
+			defer vol.mdMu.Unlock()
+			vol.reloadLocked(func(p string) bool { return p != path })
+			vol.md.Members = slices.DeleteFunc(vol.md.Members, func(x meta.Member) bool { return x.UUID == m.uuid })
+			vol.md.Members = append(vol.md.Members, meta.Member{UUID: m.uuid, Role: meta.RoleCopyTarget, PathHint: path})
+			return vol.writeOneLocked(m)
+		}
+	}
+	if err := write(); err != nil {
 		vol.forget(path)
 		return nil, err
 	}
@@ -815,6 +828,13 @@ func (vol *volume) markClean(a *Agent, force bool) error {
 	if !vol.dirty.Load() || !idle() {
 		return nil
 	}
+	if a.clustered() {
+		// The last host to dismount: the metadata is what the set's
+		// previous writers left.
+		vol.mdMu.Lock()
+		vol.reloadLocked(nil)
+		vol.mdMu.Unlock()
+	}
 	if sv, ok := a.setView(vol.name); ok {
 		for _, op := range sv.Ops {
 			if op.Kind.IsMerge() {
@@ -888,7 +908,7 @@ func (a *Agent) expel(vol *volume, path string, cause error) error {
 			return fmt.Errorf("expel %s: %w", path, err)
 		}
 	}
-	if role == vu.Full {
+	if role == vu.Full && !a.clustered() {
 		// The automatic minicopy bitmap: every chunk written since the
 		// last successful flush (the failing write among them, since it
 		// is still in flight), and every write from now on.
@@ -909,8 +929,12 @@ func (a *Agent) expel(vol *volume, path string, cause error) error {
 		vol.md.NextGeneration()
 	}
 	vol.mdMu.Unlock()
-	if err := vol.writeAll(); err != nil {
-		return fmt.Errorf("record the expulsion of %s: %w", path, err)
+	if !a.clustered() {
+		// (In a cluster the set's metadata writer recorded it as it
+		// applied the expulsion, before InForce above returned.)
+		if err := vol.writeAll(); err != nil {
+			return fmt.Errorf("record the expulsion of %s: %w", path, err)
+		}
 	}
 	if ok {
 		vol.retire(m.dev) // closed at dismount: requests in flight may still use it
