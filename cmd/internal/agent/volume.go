@@ -223,6 +223,9 @@ func (a *Agent) mount(args MountArgs) (*MountResult, error) {
 		return a.addMember(vol, args)
 	}
 	if a.clustered() {
+		if a.cfg.Cluster.Witness {
+			return nil, fmt.Errorf("mount %s: %s is a witness: it votes in the cluster and mounts nothing", args.Set, a.host)
+		}
 		return a.mountClustered(args)
 	}
 	return a.mountNew(args)
