@@ -92,6 +92,7 @@ func newApp() *cli.App {
 			dismountCommand(),
 			setCommand(),
 			showCommand(),
+			verifyCommand(),
 			examineCommand(),
 			replayCommand(),
 		},

@@ -132,6 +132,13 @@ func (a *Agent) handlers() map[string]Handler {
 			args, _ := decode[ShowArgs](raw)
 			return a.Show(args.Set)
 		},
+		"verify": func(ctx context.Context, raw json.RawMessage) (any, error) {
+			args, err := decode[VerifyArgs](raw)
+			if err != nil {
+				return nil, err
+			}
+			return a.verify(ctx, args.Set)
+		},
 		"policies": func(context.Context, json.RawMessage) (any, error) {
 			return a.Policies(), nil
 		},
