@@ -370,6 +370,21 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 		a.mu.Unlock()
 		return nil, err
 	}
+	// Members added or removed between the view this mount opened and the
+	// moment the set was registered here reached no hook: catch up. From
+	// here on, the hooks keep the VU in step.
+	if now, ok := a.setView(args.Set); ok {
+		for _, mv := range now.Members {
+			if !slices.ContainsFunc(sv.Members, func(o shadowset.MemberView) bool { return o.Name == mv.Name }) {
+				a.remoteAdded(args.Set, mv.Name)
+			}
+		}
+		for _, mv := range sv.Members {
+			if !slices.ContainsFunc(now.Members, func(o shadowset.MemberView) bool { return o.Name == mv.Name }) {
+				a.remoteRemoved(args.Set, mv.Name)
+			}
+		}
+	}
 	if err := a.nbd.AddExport(nbd.Export{Name: args.Set, Description: "shadow set " + args.Set, Backend: v}); err != nil {
 		_ = a.dismountSet(args.Set)
 		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
