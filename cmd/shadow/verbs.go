@@ -344,7 +344,8 @@ func dismountCommand() *cli.Command {
 		Usage:     "dismount a shadow set, or remove one member",
 		ArgsUsage: "DSAn",
 		Flags: []cli.Flag{socketFlag(), &cli.StringFlag{Name: "member", Usage: "remove only this member"},
-			&cli.StringFlag{Name: "policy", Usage: "with --member: minicopy keeps a minicopy bitmap (or fails), minicopy=optional keeps one if it can"}},
+			&cli.StringFlag{Name: "policy", Usage: "with --member: minicopy keeps a minicopy bitmap (or fails), minicopy=optional keeps one if it can"},
+			&cli.BoolFlag{Name: "abort", Usage: "DISMOUNT/ABORT: stop serving at once, without draining writes or marking clean; the set needs a merge"}},
 		Action: func(cc *cli.Context) error {
 			if cc.NArg() != 1 {
 				return cli.Exit("dismount: give one set name (DSAn)", 2)
@@ -355,7 +356,7 @@ func dismountCommand() *cli.Command {
 			if cc.String("policy") != "" && cc.String("member") == "" {
 				return cli.Exit("dismount: --policy applies to one member: give --member PATH", 2)
 			}
-			args := agent.DismountArgs{Set: cc.Args().First(), Policy: cc.String("policy")}
+			args := agent.DismountArgs{Set: cc.Args().First(), Policy: cc.String("policy"), Abort: cc.Bool("abort")}
 			if m := cc.String("member"); m != "" {
 				args.Member = absAll([]string{m})[0]
 			}
@@ -377,6 +378,8 @@ func setCommand() *cli.Command {
 			&cli.StringFlag{Name: "member", Usage: "the member --read-cost applies to"},
 			&cli.StringFlag{Name: "copy-source", Usage: "full member copies read from"},
 			&cli.StringFlag{Name: "force-removal", Usage: "expel this member now"},
+			&cli.BoolFlag{Name: "evaluate-resources", Usage: "SET SHADOW /EVALUATE=RESOURCES on this host: cancel its ops and reschedule them by priority and op limits (no set name needed)"},
+			&cli.IntFlag{Name: "max-ops", Usage: "how many merges and copies this host runs at once (0–200, default 4; no set name needed)"},
 			&cli.StringFlag{Name: "policy", Usage: "hbmm=(master_list=(HOST,...),count=N,reset_threshold=BLOCKS) or hbmm=NAME (NODEFAULT: no HBMM)"},
 			&cli.StringFlag{Name: "name", Usage: "with --policy and no set: define a named policy (DEFAULT applies to sets without one)"},
 			&cli.BoolFlag{Name: "delete", Usage: "delete the named policy (--name), or the set's own policy"},
@@ -395,6 +398,11 @@ func setCommand() *cli.Command {
 			if cc.IsSet("read-cost") {
 				r := cc.Int("read-cost")
 				args.ReadCost = &r
+			}
+			args.EvaluateResources = cc.Bool("evaluate-resources")
+			if cc.IsSet("max-ops") {
+				n := cc.Int("max-ops")
+				args.MaxOps = &n
 			}
 			if err := args.Check(cc.NArg()); err != nil {
 				return cli.Exit("set: "+err.Error(), 2)

@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/shadow-project/shadow/cmd/internal/device"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/shadowset"
 )
 
 const testData = 16 << 20 // volume bytes per member
@@ -576,5 +578,106 @@ func TestVerifyReportsWithoutRepairing(t *testing.T) {
 	waitIdle(t, a, "DSA1")
 	if r, err = a.verify(context.Background(), "DSA1"); err != nil || r.MismatchedChunks != 0 {
 		t.Fatalf("verify after a merge: %+v, %v", r, err)
+	}
+}
+
+// TestAbortLeavesTheSetToMerge: DISMOUNT/ABORT records Table 8-1 row 3,
+// leaves the set dirty, and the next mount merges it.
+func TestAbortLeavesTheSetToMerge(t *testing.T) {
+	dir := shortDir(t)
+	m1, m2 := filepath.Join(dir, "m1"), filepath.Join(dir, "m2")
+	makeMember(t, m1)
+	makeMember(t, m2)
+	noDelay := time.Duration(0)
+	a, err := New(Config{Host: "A", Socket: filepath.Join(dir, "a.sock"), NBDUnix: filepath.Join(dir, "n.sock"),
+		CleanAfter: time.Hour, Logger: zerolog.Nop(), RecoveryDelay: &noDelay})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, a, "DSA1")
+	if err := a.sets["DSA1"].vu.WriteAt(bytes.Repeat([]byte("x"), 4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.abortSet("DSA1"); err != nil {
+		t.Fatal(err)
+	}
+	evs := a.elog.History()
+	if !slices.ContainsFunc(evs, func(e shadowset.Event) bool { return e.Kind == shadowset.EvAbort && e.Set == "DSA1" && e.Host == "A" }) {
+		t.Fatalf("no abort in the log: %+v", evs)
+	}
+	if _, err := a.volume("DSA1"); err == nil {
+		t.Fatal("DSA1 still mounted after --abort")
+	}
+	res, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Merge != "full-merge" {
+		t.Fatalf("mount after an abort: %+v, want a full merge", res)
+	}
+	waitIdle(t, a, "DSA1")
+	if err := a.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestEvaluateResourcesCancelsAndContinues: SET SHADOW /EVALUATE=RESOURCES
+// on the host running a copy cancels it and continues it at its
+// checkpoint after the delay (Table 8-1 row 8).
+func TestEvaluateResourcesCancelsAndContinues(t *testing.T) {
+	dir := shortDir(t)
+	m1, m2 := filepath.Join(dir, "m1"), filepath.Join(dir, "m2")
+	makeMember(t, m1)
+	makeMember(t, m2)
+	delay := 300 * time.Millisecond
+	a, err := New(Config{Host: "A", Socket: filepath.Join(dir, "a.sock"), NBDUnix: filepath.Join(dir, "n.sock"),
+		CleanAfter: time.Hour, Logger: zerolog.Nop(), RecoveryDelay: &delay, MaxRate: 4 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Shutdown(context.Background())
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := (SetArgs{EvaluateResources: true}).Check(0); err != nil {
+		t.Fatalf("--evaluate-resources without a set name: %v", err)
+	}
+	// Let the copy record a checkpoint, then evaluate.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		sv, _ := a.setView("DSA1")
+		if len(sv.Ops) == 1 && sv.Ops[0].LBN > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the copy never recorded a checkpoint: %+v", sv.Ops)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := a.setVerb(SetArgs{EvaluateResources: true}); err != nil {
+		t.Fatal(err)
+	}
+	sv, _ := a.setView("DSA1")
+	if len(sv.Ops) != 1 || sv.Ops[0].State != shadowset.Canceled {
+		t.Fatalf("after evaluate-resources: %+v, want the copy canceled", sv.Ops)
+	}
+	at := sv.Ops[0].LBN
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		sv, _ = a.setView("DSA1")
+		if len(sv.Ops) == 1 && sv.Ops[0].State == shadowset.Running {
+			if sv.Ops[0].LBN < at || !slices.Contains(sv.Ops[0].History, shadowset.WordContinued) {
+				t.Fatalf("the copy resumed at %d (history %v), want continued at %d", sv.Ops[0].LBN, sv.Ops[0].History, at)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the copy never resumed: %+v", sv.Ops)
+		}
+	}
+	if err := a.setVerb(SetArgs{MaxOps: new(int)}); err != nil {
+		t.Fatalf("--max-ops 0: %v", err)
 	}
 }

@@ -21,6 +21,10 @@ type DismountArgs struct {
 	// Policy, with Member: "minicopy" keeps a minicopy bitmap or fails,
 	// "minicopy=optional" keeps one if it can.
 	Policy string `json:"policy,omitempty"`
+	// Abort: DISMOUNT/ABORT: stop serving at once, without waiting for
+	// writes in flight or marking the set clean; the set needs a merge
+	// (Table 8-1 row 3).
+	Abort bool `json:"abort,omitempty"`
 }
 
 // SetArgs is the set verb; exactly one action per call.
@@ -41,6 +45,11 @@ type SetArgs struct {
 	Delete  bool   `json:"delete,omitempty"`
 	Enable  string `json:"enable,omitempty"`
 	Disable string `json:"disable,omitempty"`
+	// EvaluateResources: SET SHADOW /EVALUATE=RESOURCES on this host
+	// (Table 8-1 row 8): its ops are canceled and rescheduled by priority
+	// and op limits. MaxOps: how many ops this host runs at once.
+	EvaluateResources bool `json:"evaluate_resources,omitempty"`
+	MaxOps            *int `json:"max_ops,omitempty"`
 }
 
 func (s SetArgs) isPolicy() bool {
@@ -68,17 +77,24 @@ func (s SetArgs) Check(names int) error {
 		}
 		return nil
 	}
-	if names != 1 || s.Set == "" {
-		return errors.New("give one set name (DSAn)")
-	}
 	n := 0
-	for _, given := range []bool{s.DemandMerge, s.Priority != nil, s.ReadCost != nil, s.CopySource != "", s.ForceRemoval != ""} {
+	for _, given := range []bool{s.DemandMerge, s.Priority != nil, s.ReadCost != nil, s.CopySource != "", s.ForceRemoval != "", s.EvaluateResources, s.MaxOps != nil} {
 		if given {
 			n++
 		}
 	}
 	if n != 1 {
-		return errors.New("give exactly one of --demand-merge, --priority, --read-cost, --copy-source, --force-removal, or HBMM qualifiers")
+		return errors.New("give exactly one of --demand-merge, --priority, --read-cost, --copy-source, --force-removal, --evaluate-resources, --max-ops, or HBMM qualifiers")
+	}
+	if s.EvaluateResources || s.MaxOps != nil {
+		// Host-wide: a set name is not needed (and not used).
+		if names > 1 {
+			return errors.New("give at most one set name (DSAn)")
+		}
+		return nil
+	}
+	if names != 1 || s.Set == "" {
+		return errors.New("give one set name (DSAn)")
 	}
 	return nil
 }
@@ -118,6 +134,9 @@ func (a *Agent) handlers() map[string]Handler {
 			}
 			if args.Policy != "" {
 				return nil, errors.New("--policy minicopy applies to one member: give --member PATH")
+			}
+			if args.Abort {
+				return nil, a.abortSet(args.Set)
 			}
 			return nil, a.dismountSet(args.Set)
 		},
@@ -190,6 +209,48 @@ func (a *Agent) dismountSet(name string) error {
 	}
 	vol.retiredMu.Unlock()
 	a.log.Info().Str("vu", name).Msg("dismounted")
+	return errors.Join(errs...)
+}
+
+// abortSet is DISMOUNT/ABORT: the export goes at once, writes in flight
+// may have reached some members only, so the set is left dirty and the
+// core records an abort with writes in flight (Table 8-1 row 3): the hosts
+// that still mount it merge after the delay; mounted nowhere, its next
+// mount merges.
+func (a *Agent) abortSet(name string) error {
+	vol, err := a.volume(name)
+	if err != nil {
+		return err
+	}
+	a.nbd.RemoveExport(name)
+	old := a.runsNow()
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvAbort, Set: name, Host: a.host}); err != nil {
+		return fmt.Errorf("dismount %s --abort: %w", name, err)
+	}
+	a.waitStopped(old)
+	vol.remote.release()
+	close(vol.stopCleaner)
+	<-vol.cleanerDone
+	if !a.mountedElsewhere(name) {
+		_ = a.elog.Append(shadowset.Event{Kind: shadowset.EvForgetSet, Set: name})
+	}
+	a.mu.Lock()
+	delete(a.sets, name)
+	a.mu.Unlock()
+	var errs []error
+	vol.mdMu.Lock()
+	for _, m := range vol.members {
+		if err := m.dev.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	vol.mdMu.Unlock()
+	vol.retiredMu.Lock()
+	for _, d := range vol.retired {
+		d.Close()
+	}
+	vol.retiredMu.Unlock()
+	a.log.Warn().Str("vu", name).Msg("aborted: the set needs a merge")
 	return errors.Join(errs...)
 }
 
@@ -302,6 +363,12 @@ func (a *Agent) setVerb(args SetArgs) error {
 	}
 	if args.isPolicy() {
 		return a.policyVerb(args)
+	}
+	switch {
+	case args.EvaluateResources:
+		return a.elog.Append(shadowset.Event{Kind: shadowset.EvEvalResources, Host: a.host})
+	case args.MaxOps != nil:
+		return a.elog.Append(shadowset.Event{Kind: shadowset.EvMaxOps, Host: a.host, N: *args.MaxOps})
 	}
 	vol, err := a.volume(args.Set)
 	if err != nil {
