@@ -2,11 +2,14 @@ package cluster
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/shadow-project/shadow/shadowset"
@@ -101,6 +104,10 @@ type Log struct {
 	timers  map[time.Duration]*time.Timer
 	leading bool
 	closed  bool
+	// id is the cluster's identity and applied the last index applied
+	// (atomics: Stamp reads them without the lock).
+	id      atomic.Pointer[[16]byte]
+	applied atomic.Uint64
 	// live: this incarnation's registration has been applied. Entries
 	// replayed before it (the log of earlier runs) update the core but
 	// reach no hook: they speak of processes that are gone.
@@ -114,6 +121,23 @@ type Log struct {
 
 // Incarnation is the run of this host's agent the log belongs to.
 func (l *Log) Incarnation() uint64 { return l.inc }
+
+// Stamp identifies what this host writes into member metadata: the
+// cluster (zero until the first entry is applied), this run, and the last
+// log index applied. It takes no lock: hooks call it under the log's.
+func (l *Log) Stamp() (id [16]byte, inc, index uint64) {
+	if p := l.id.Load(); p != nil {
+		id = *p
+	}
+	return id, l.inc, l.applied.Load()
+}
+
+func (l *Log) idBytes() []byte {
+	if p := l.id.Load(); p != nil {
+		return p[:]
+	}
+	return nil
+}
 
 // NewLog makes the state machine; Start it with a node.
 func NewLog(host string, inc uint64, hooks Hooks) *Log {
@@ -189,6 +213,14 @@ func (l *Log) Apply(index uint64, data []byte) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	defer l.signal()
+	l.applied.Store(index)
+	if l.id.Load() == nil {
+		// The cluster's identity: derived from its first entry, so every
+		// host computes the same one without another round.
+		sum := sha256.Sum256(append(binary.LittleEndian.AppendUint64([]byte("shadow cluster "), index), data...))
+		id := [16]byte(sum[:16])
+		l.id.Store(&id)
+	}
 	if e.Type == entryIncarnation {
 		return l.applyIncarnation(e)
 	}
@@ -520,6 +552,7 @@ func (l *Log) Close() {
 // and what the log keeps beside it.
 type logSnapshot struct {
 	V       int                `json:"v"`
+	ID      []byte             `json:"id,omitempty"`
 	Core    json.RawMessage    `json:"core"`
 	Incs    map[string]uint64  `json:"incs"`
 	Windows map[string]*Window `json:"windows,omitempty"`
@@ -535,7 +568,7 @@ func (l *Log) Snapshot() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return json.Marshal(logSnapshot{V: entryVersion, Core: c, Incs: l.incs, Windows: l.windows, Seq: l.seq, History: l.history})
+	return json.Marshal(logSnapshot{V: entryVersion, ID: l.idBytes(), Core: c, Incs: l.incs, Windows: l.windows, Seq: l.seq, History: l.history})
 }
 
 // Restore implements StateMachine.
@@ -554,6 +587,10 @@ func (l *Log) Restore(b []byte) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.core, l.incs, l.windows, l.seq, l.history = c, s.Incs, s.Windows, s.Seq, s.History
+	if len(s.ID) == 16 {
+		id := [16]byte(s.ID)
+		l.id.Store(&id)
+	}
 	l.registered = map[string]time.Time{}
 	if l.incs == nil {
 		l.incs = map[string]uint64{}

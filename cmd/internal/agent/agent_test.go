@@ -681,3 +681,76 @@ func TestEvaluateResourcesCancelsAndContinues(t *testing.T) {
 		t.Fatalf("--max-ops 0: %v", err)
 	}
 }
+
+// TestClusterHeldSetRefused: a set whose metadata says a cluster holds it
+// and did not dismount it cleanly is refused by a single-host agent (that
+// cluster's hosts may still write it), unless --overwrite; clean, it is
+// taken, and the agent writes it back in format 1, without the stamp.
+func TestClusterHeldSetRefused(t *testing.T) {
+	dir := shortDir(t)
+	m1, m2 := filepath.Join(dir, "m1"), filepath.Join(dir, "m2")
+	makeMember(t, m1)
+	makeMember(t, m2)
+	a := startAgent(t, dir, nil)
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
+		t.Fatal(err)
+	}
+	waitIdle(t, a, "DSA1")
+	if err := a.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	stamp := func(dirty bool) {
+		for _, p := range []string{m1, m2} {
+			dev, err := device.Open(p, device.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			md, _, err := meta.Read(dev)
+			if err != nil {
+				t.Fatal(err)
+			}
+			md.Cluster = meta.ClusterStamp{UUID: meta.NewUUID(), Incarnation: 3, LogIndex: 99}
+			md.Dirty = dirty
+			if err := meta.Write(dev, md); err != nil {
+				t.Fatal(err)
+			}
+			dev.Close()
+		}
+	}
+	stamp(true)
+	a = startAgent(t, dir, nil)
+	defer a.Shutdown(context.Background())
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); !errors.Is(err, errHeld) || !strings.Contains(err.Error(), "log index 99") {
+		t.Fatalf("mount of a set a cluster holds dirty: %v, want a refusal naming the cluster", err)
+	}
+	if _, err := a.volume("DSA1"); err == nil {
+		t.Fatal("a refused mount left the set mounted")
+	}
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}, Overwrite: true}); err != nil {
+		t.Fatalf("--overwrite: %v", err)
+	}
+	if err := a.dismountSet("DSA1"); err != nil {
+		t.Fatal(err)
+	}
+	stamp(false)
+	if _, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{m1, m2}}); err != nil {
+		t.Fatalf("mount of a set a cluster left clean: %v", err)
+	}
+	dev, err := device.Open(m1, device.Options{ReadOnly: true, Shared: true})
+	if err == nil {
+		dev.Close()
+		t.Fatal("a member of a mounted set opened shared beside the agent's exclusive lock")
+	}
+	if err := a.dismountSet("DSA1"); err != nil {
+		t.Fatal(err)
+	}
+	dev, err = device.Open(m1, device.Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	md, _, err := meta.Read(dev)
+	if err != nil || md.Version != meta.FormatVersionSingle || !md.Cluster.IsZero() {
+		t.Fatalf("after a single-host mount: %+v, %v; want format 1 without a stamp", md, err)
+	}
+}

@@ -311,7 +311,7 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 	}()
 	var md *meta.Metadata
 	size := int64(-1)
-	vol := &volume{name: args.Set, members: map[string]*memberRT{}, stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{})}
+	vol := &volume{name: args.Set, members: map[string]*memberRT{}, stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{}), stamp: a.stamp}
 	var specs []vu.MemberSpec
 	for _, mv := range sv.Members {
 		dev, err := a.cfg.OpenDevice(mv.Name, device.Options{Direct: true, Shared: true})
@@ -329,6 +329,9 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 		}
 		if m.SetName != args.Set || (md != nil && m.SetUUID != md.SetUUID) {
 			return nil, fmt.Errorf("mount %s: %s belongs to %s (set %s), not to the set the cluster mounts", args.Set, mv.Name, m.SetName, m.SetUUID)
+		}
+		if err := a.heldElsewhere(m, args.Overwrite); err != nil {
+			return nil, fmt.Errorf("mount %s: %s: %w", args.Set, mv.Name, err)
 		}
 		if md == nil || m.Generation.Number > md.Generation.Number {
 			md = m
@@ -598,3 +601,32 @@ func (vol *volume) syncMeta(sv shadowset.SetView) error {
 	}
 	return errors.Join(errs...)
 }
+
+// stamp is what this host writes into member metadata: its cluster, run
+// and log index (zero for a cluster of one).
+func (a *Agent) stamp() meta.ClusterStamp {
+	if !a.clustered() {
+		return meta.ClusterStamp{}
+	}
+	id, inc, index := a.clog.Stamp()
+	return meta.ClusterStamp{UUID: meta.UUID(id), Incarnation: inc, LogIndex: index}
+}
+
+// heldElsewhere refuses a member whose set another cluster (or, for a
+// single host, any cluster) holds and did not dismount cleanly: that
+// cluster's hosts may still write it. Clean, it is free to take; with
+// --overwrite the operator says that cluster is gone.
+func (a *Agent) heldElsewhere(md *meta.Metadata, overwrite bool) error {
+	if md == nil || md.Cluster.IsZero() || !md.Dirty || overwrite {
+		return nil
+	}
+	mine := a.stamp()
+	if !mine.IsZero() && mine.UUID == md.Cluster.UUID {
+		return nil
+	}
+	return fmt.Errorf("%w: the set is held by cluster %s (written by incarnation %016x at log index %d) and was not dismounted cleanly; if that cluster is gone for good, --overwrite takes it",
+		errHeld, md.Cluster.UUID, md.Cluster.Incarnation, md.Cluster.LogIndex)
+}
+
+// errHeld: a member's set belongs to another cluster.
+var errHeld = errors.New("held by another cluster")

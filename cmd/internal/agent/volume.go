@@ -58,6 +58,9 @@ type volume struct {
 	// remote is the window another host's merge or copy holds on the set
 	// (a cluster).
 	remote remoteWindow
+	// stamp is the cluster stamp written into the metadata (zero for a
+	// cluster of one).
+	stamp func() meta.ClusterStamp
 
 	retiredMu sync.Mutex
 	retired   []device.Device
@@ -283,6 +286,9 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		if p.md.SetName != args.Set && !args.Overwrite {
 			return nil, fmt.Errorf("mount %s: %s is a member of %s (set %s); use --overwrite to take it", args.Set, p.path, p.md.SetName, p.md.SetUUID)
 		}
+		if err := a.heldElsewhere(p.md, args.Overwrite); err != nil {
+			return nil, fmt.Errorf("mount %s: %s: %w", args.Set, p.path, err)
+		}
 		if newest == nil || p.md.Generation.Number > newest.md.Generation.Number {
 			newest = p
 		}
@@ -422,7 +428,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		}
 		bms.logged = logs.logged
 	}
-	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{}, bm: bms, writeLog: writeLog,
+	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{}, bm: bms, writeLog: writeLog, stamp: a.stamp,
 		stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{})}
 	var specs []vu.MemberSpec
 	for i, p := range probes {
@@ -613,6 +619,11 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	if p.md != nil && p.md.SetUUID != vol.md.SetUUID && !args.Overwrite {
 		return nil, fmt.Errorf("%s is a member of %s (set %s); use --overwrite to take it", path, p.md.SetName, p.md.SetUUID)
 	}
+	if p.md != nil && p.md.SetUUID != vol.md.SetUUID {
+		if err := a.heldElsewhere(p.md, args.Overwrite); err != nil {
+			return nil, fmt.Errorf("%s: %w", path, err)
+		}
+	}
 	if p.md == nil && !p.blank && !args.Confirm && !args.Overwrite {
 		return nil, fmt.Errorf("%s holds data and would get a full copy: use --confirm", path)
 	}
@@ -721,6 +732,10 @@ func (vol *volume) writeOneLocked(m *memberRT) error {
 	}
 	md.Members = slices.Clone(vol.md.Members)
 	md.History = slices.Clone(vol.md.History)
+	md.Cluster = meta.ClusterStamp{}
+	if vol.stamp != nil {
+		md.Cluster = vol.stamp()
+	}
 	if err := meta.Write(m.dev, &md); err != nil {
 		return fmt.Errorf("write metadata of %s: %w", m.path, err)
 	}

@@ -380,3 +380,39 @@ func TestConcurrentUnalignedWriters(t *testing.T) {
 		})
 	}
 }
+
+// TestSharedOpen: the agents of one cluster open a member together
+// (LOCK_SH); an exclusive opener is refused beside them and refuses them.
+func TestSharedOpen(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "m")
+	if err := os.WriteFile(p, make([]byte, 1<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a, err := Open(p, Options{Shared: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := Open(p, Options{Shared: true, Direct: true})
+	if err != nil {
+		t.Fatalf("second shared open: %v", err)
+	}
+	if x, err := Open(p, Options{}); !errors.Is(err, ErrBusy) {
+		if x != nil {
+			x.Close()
+		}
+		t.Fatalf("exclusive open beside shared ones: %v, want ErrBusy", err)
+	}
+	a.Close()
+	b.Close()
+	x, err := Open(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer x.Close()
+	if y, err := Open(p, Options{Shared: true}); !errors.Is(err, ErrBusy) {
+		if y != nil {
+			y.Close()
+		}
+		t.Fatalf("shared open beside an exclusive one: %v, want ErrBusy", err)
+	}
+}

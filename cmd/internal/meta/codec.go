@@ -29,6 +29,8 @@ import (
 //	103   1    reserved, 0
 //	104   ...  set name; history entries (number 8, ID 8); members
 //	           (UUID 16, role 1, path hint length 1 (≤ 200), path hint)
+//	...        version 2 only: cluster UUID 16 (non-zero), incarnation 8,
+//	           log index 8
 //	...        zeroes up to 4092
 //	4092  4    CRC32C (Castagnoli) of bytes 0–4091
 //
@@ -101,7 +103,11 @@ func Encode(m *Metadata) ([]byte, error) {
 	b := make([]byte, SlotSize)
 	le := binary.LittleEndian
 	copy(b[0:8], magic[:])
-	le.PutUint32(b[8:], FormatVersion)
+	version := uint32(FormatVersionSingle)
+	if !m.Cluster.IsZero() {
+		version = FormatVersion
+	}
+	le.PutUint32(b[8:], version)
 	var flags uint32
 	if m.Dirty {
 		flags |= flagDirty
@@ -136,6 +142,12 @@ func Encode(m *Metadata) ([]byte, error) {
 		p += 2
 		p += copy(b[p:], x.PathHint)
 	}
+	if version == FormatVersion {
+		p += copy(b[p:], m.Cluster.UUID[:])
+		le.PutUint64(b[p:], m.Cluster.Incarnation)
+		le.PutUint64(b[p+8:], m.Cluster.LogIndex)
+		p += 16
+	}
 	// The bounds keep p far below crcOffset (see MaxPathHint); checked
 	// anyway, so a future field cannot silently overrun the checksum.
 	if p > crcOffset {
@@ -161,8 +173,8 @@ func Decode(b []byte) (*Metadata, error) {
 		return nil, corrupt("checksum mismatch")
 	}
 	m := &Metadata{Version: le.Uint32(b[8:])}
-	if m.Version != FormatVersion {
-		return nil, fmt.Errorf("%w %d (this program reads %d)", ErrVersion, m.Version, FormatVersion)
+	if m.Version != FormatVersion && m.Version != FormatVersionSingle {
+		return nil, fmt.Errorf("%w %d (this program reads %d and %d)", ErrVersion, m.Version, FormatVersionSingle, FormatVersion)
 	}
 	flags := le.Uint32(b[12:])
 	if flags&^(flagDirty|flagMerge) != 0 {
@@ -221,6 +233,16 @@ func Decode(b []byte) (*Metadata, error) {
 		}
 		x.PathHint = string(path)
 		m.Members = append(m.Members, x)
+	}
+	if m.Version == FormatVersion {
+		c, err := take(32, "cluster stamp")
+		if err != nil {
+			return nil, err
+		}
+		m.Cluster = ClusterStamp{UUID: UUID(c[0:16]), Incarnation: le.Uint64(c[16:]), LogIndex: le.Uint64(c[24:])}
+		if m.Cluster.IsZero() {
+			return nil, corrupt("version 2 slot without a cluster UUID")
+		}
 	}
 	if !allZero(body[p:]) {
 		return nil, corrupt("non-zero bytes after the member table")

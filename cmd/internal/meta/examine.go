@@ -21,6 +21,9 @@ func Examine(m *Metadata, warnings []string) string {
 	kv("Set Name", "%s", printable(m.SetName))
 	kv("Set UUID", "%s", m.SetUUID)
 	kv("Member UUID", "%s", m.MemberUUID)
+	if !m.Cluster.IsZero() {
+		kv("Cluster", "%s (written by incarnation %016x at log index %d)", m.Cluster.UUID, m.Cluster.Incarnation, m.Cluster.LogIndex)
+	}
 	kv("Generation", "%s", m.Generation)
 	if len(m.History) == 0 {
 		kv("History", "(none)")

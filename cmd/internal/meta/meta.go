@@ -55,8 +55,15 @@ const (
 	MaxPathHint = 200
 )
 
-// FormatVersion is the slot format this package writes and reads.
-const FormatVersion = 1
+// Slot formats. Version 1 is a single-host agent's; version 2 adds the
+// cluster stamp (ClusterStamp) after the member table. Encode writes
+// version 1 when the stamp is zero, so a set a single host mounts stays
+// readable by programs that know only version 1, and a set a cluster
+// holds is refused by them (ErrVersion) instead of taken.
+const (
+	FormatVersionSingle = 1
+	FormatVersion       = 2
+)
 
 // Errors callers test for with errors.Is.
 var (
@@ -236,8 +243,8 @@ type WriteLog struct {
 
 // Metadata is the content of one slot.
 type Metadata struct {
-	// Version is the format version the slot was read in; Encode always
-	// writes FormatVersion.
+	// Version is the format version the slot was read in; Encode writes
+	// FormatVersion, or FormatVersionSingle when Cluster is zero.
 	Version uint32
 	// Seq orders the slots: Write stores the newest valid seq + 1.
 	Seq uint64
@@ -263,11 +270,30 @@ type Metadata struct {
 	// this member is done and flushed.
 	CopyCheckpoint uint64
 	WriteLog       WriteLog
+	// Cluster says which cluster's hosts hold the set, which run of the
+	// writing host wrote this slot and the log index it reflects; zero
+	// for a single-host agent.
+	Cluster ClusterStamp
 
 	// Slot is the slot Read took this from, or Write put it in. Not
 	// stored.
 	Slot Slot
 }
+
+// ClusterStamp identifies the cluster that holds a set: another cluster
+// (or a single-host agent) must not take a set it holds while it is
+// dirty, since that cluster's hosts may still be writing it. On a real SAN
+// SCSI-3 persistent reservations would enforce what this records.
+type ClusterStamp struct {
+	UUID UUID
+	// Incarnation is the writing host's agent run.
+	Incarnation uint64
+	// LogIndex is the index of the cluster's log the slot reflects.
+	LogIndex uint64
+}
+
+// IsZero reports a slot written outside any cluster.
+func (c ClusterStamp) IsZero() bool { return c.UUID.IsZero() }
 
 // NextGeneration records a membership change: the current generation
 // goes to the front of History (the oldest falls off past MaxHistory) and

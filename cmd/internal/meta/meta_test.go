@@ -121,7 +121,7 @@ func TestRoundTrip(t *testing.T) {
 	if err := Write(dev, m); err != nil {
 		t.Fatal(err)
 	}
-	if m.Seq != 1 || m.Slot != SlotA || m.Version != FormatVersion {
+	if m.Seq != 1 || m.Slot != SlotA || m.Version != FormatVersionSingle {
 		t.Fatalf("after Write: seq %d slot %v version %d", m.Seq, m.Slot, m.Version)
 	}
 	got, warnings, err := Read(dev)
@@ -431,7 +431,7 @@ func TestUnknownVersionRefused(t *testing.T) {
 		}
 	}
 	off := slotOffset(t, dev, SlotB)
-	copy(dev.b[off:], withVersion(dev.b[off:off+SlotSize], 2))
+	copy(dev.b[off:], withVersion(dev.b[off:off+SlotSize], FormatVersion+1))
 	before := bytes.Clone(dev.b)
 	if _, _, err := Read(dev); !errors.Is(err, ErrVersion) {
 		t.Fatalf("read: %v, want ErrVersion", err)
@@ -454,6 +454,7 @@ func TestEncodeBounds(t *testing.T) {
 	for range MaxMembers {
 		big.Members = append(big.Members, Member{NewUUID(), RoleFull, strings.Repeat("p", MaxPathHint)})
 	}
+	big.Cluster = ClusterStamp{UUID: NewUUID(), Incarnation: 1 << 63, LogIndex: 1<<64 - 1}
 	if err := Write(dev, big); err != nil {
 		t.Fatalf("largest metadata: %v", err)
 	}
@@ -609,7 +610,9 @@ func TestExamine(t *testing.T) {
 // parser past the checksum.
 func FuzzDecode(f *testing.F) {
 	dev := newMem(testSize)
-	for _, m := range []*Metadata{{}, sample(f, dev)} {
+	stamped := sample(f, dev)
+	stamped.Cluster = ClusterStamp{UUID: NewUUID(), Incarnation: 7, LogIndex: 9}
+	for _, m := range []*Metadata{{}, sample(f, dev), stamped} {
 		img, err := Encode(m)
 		if err != nil {
 			f.Fatal(err)
@@ -650,5 +653,44 @@ func check(t *testing.T, b []byte) {
 	m2, err := Decode(img)
 	if err != nil || !reflect.DeepEqual(m, m2) {
 		t.Fatalf("re-decoding: %v", err)
+	}
+}
+
+// TestClusterStamp: a slot with a cluster stamp is version 2 and reads
+// back with it; without one it stays version 1 (readable by programs that
+// know only that); a version 2 slot without a cluster UUID is corrupt.
+func TestClusterStamp(t *testing.T) {
+	dev := newMem(testSize)
+	m := sample(t, dev)
+	m.Cluster = ClusterStamp{UUID: NewUUID(), Incarnation: 0xfeed, LogIndex: 42}
+	if err := Write(dev, m); err != nil {
+		t.Fatal(err)
+	}
+	got, _, err := Read(dev)
+	if err != nil || got.Version != FormatVersion || got.Cluster != m.Cluster {
+		t.Fatalf("read back %+v, %v", got, err)
+	}
+	if !strings.Contains(Examine(got, nil), "log index 42") {
+		t.Fatalf("examine does not show the stamp:\n%s", Examine(got, nil))
+	}
+	m.Cluster = ClusterStamp{}
+	if err := Write(dev, m); err != nil {
+		t.Fatal(err)
+	}
+	if got, _, err = Read(dev); err != nil || got.Version != FormatVersionSingle || !got.Cluster.IsZero() {
+		t.Fatalf("read back without a stamp: %+v, %v", got, err)
+	}
+	img, err := Encode(&Metadata{Cluster: ClusterStamp{UUID: NewUUID()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Zero the UUID and fix the checksum: well formed, but not canonical.
+	p := headerSize
+	for i := range 16 {
+		img[p+i] = 0
+	}
+	binary.LittleEndian.PutUint32(img[crcOffset:], crc32.Checksum(img[:crcOffset], castagnoli))
+	if _, err := Decode(img); !errors.Is(err, ErrCorrupt) {
+		t.Fatalf("version 2 without a cluster UUID: %v, want ErrCorrupt", err)
 	}
 }

@@ -192,6 +192,9 @@ func Write(dev Device, m *Metadata) error {
 	if err := dev.Flush(); err != nil {
 		return fmt.Errorf("meta: %s: flush after writing slot %s seq %d: %w", name(dev), slot, seq, err)
 	}
-	m.Seq, m.Slot, m.Version = seq, slot, FormatVersion
+	m.Seq, m.Slot, m.Version = seq, slot, FormatVersionSingle
+	if !m.Cluster.IsZero() {
+		m.Version = FormatVersion
+	}
 	return nil
 }
