@@ -38,7 +38,27 @@ const (
 	entryWindow entryType = "win"
 	// entryAck: Host has drained its writes to Set's window Seq.
 	entryAck entryType = "ack"
+	// entrySlotClaim: Host takes a free write-log slot of a set;
+	// entrySlotFree: a slot is free again (its owner dismounted cleanly,
+	// or a merge covered what it logged).
+	entrySlotClaim entryType = "wclaim"
+	entrySlotFree  entryType = "wfree"
 )
+
+// WriteLogSlots is how many hosts can keep write logs on one set's
+// members: each has its own slot of the write-log region, so no two hosts
+// ever write one log block.
+const WriteLogSlots = 8
+
+// ErrNoSlot: every write-log slot of the set is taken (by hosts that
+// mount it, or that failed and whose logs no merge has covered yet).
+var ErrNoSlot = errors.New("cluster: no free write-log slot")
+
+// SlotEntry names a set's write-log slot.
+type SlotEntry struct {
+	Set   string `json:"set"`
+	Index int    `json:"index"`
+}
 
 // entry is one log record.
 type entry struct {
@@ -51,6 +71,8 @@ type entry struct {
 	// host (a host that mounts a set others hold writes no metadata).
 	Join bool    `json:"join,omitempty"`
 	Win  *Window `json:"win,omitempty"`
+	// Slot, on a write-log slot claim or release.
+	Slot *SlotEntry `json:"slot,omitempty"`
 	// Witness, on an incarnation: the host votes but mounts nothing, so
 	// the core never hears of it.
 	Witness bool `json:"witness,omitempty"`
@@ -59,7 +81,23 @@ type entry struct {
 	// if the host has registered another run since: the failure was the
 	// previous run's, which its successor's registration already ended.
 	HostInc uint64 `json:"hi,omitempty"`
+	// ID numbers the proposals of one run of a host, from 1. A proposal
+	// is retried when its outcome is unknown (leadership lost after the
+	// entry was appended, a forwarded reply lost), so one entry may reach
+	// the log twice: it applies once, and the copy is accepted as a no-op.
+	ID uint64 `json:"id,omitempty"`
 }
+
+// doneIDs are the IDs of the proposals of one run of a host that the log
+// accepted: the most recent maxDoneIDs of them, ascending.
+type doneIDs struct {
+	Inc uint64   `json:"inc"`
+	IDs []uint64 `json:"ids"`
+}
+
+// maxDoneIDs bounds the IDs kept per host: far more than one run has in
+// flight while a retry can still arrive.
+const maxDoneIDs = 256
 
 // Window is a range a merge or copy is about to process on a set.
 type Window struct {
@@ -97,6 +135,8 @@ type Log struct {
 	core    *shadowset.Core
 	incs    map[string]uint64
 	windows map[string]*Window
+	// slots: each set's write-log slot owners ("" free).
+	slots   map[string][]string
 	seq     uint64
 	history []shadowset.Event
 	hooks   Hooks
@@ -117,6 +157,10 @@ type Log struct {
 	// a new run time to show up in its gossip before taking its absence
 	// for a failure.
 	registered map[string]time.Time
+	// done: the proposals each host's current run has had accepted
+	// (replicated state: in the snapshot); lastID numbers this run's.
+	done   map[string]*doneIDs
+	lastID uint64
 }
 
 // Incarnation is the run of this host's agent the log belongs to.
@@ -142,7 +186,7 @@ func (l *Log) idBytes() []byte {
 // NewLog makes the state machine; Start it with a node.
 func NewLog(host string, inc uint64, hooks Hooks) *Log {
 	return &Log{host: host, inc: inc, core: shadowset.New(), incs: map[string]uint64{}, windows: map[string]*Window{},
-		hooks: hooks, changed: make(chan struct{}), timers: map[time.Duration]*time.Timer{}, registered: map[string]time.Time{}}
+		hooks: hooks, changed: make(chan struct{}), timers: map[time.Duration]*time.Timer{}, registered: map[string]time.Time{}, done: map[string]*doneIDs{}}
 }
 
 // Attach connects the log to its node (after Start).
@@ -178,6 +222,10 @@ func (l *Log) propose(ctx context.Context, e entry) error {
 	if closed {
 		return ErrClosed
 	}
+	l.mu.Lock()
+	l.lastID++
+	e.ID = l.lastID
+	l.mu.Unlock()
 	e.V, e.Host, e.Inc = entryVersion, l.host, l.inc
 	b, err := json.Marshal(e)
 	if err != nil {
@@ -202,7 +250,7 @@ func (l *Log) propose(ctx context.Context, e entry) error {
 }
 
 // Apply implements StateMachine.
-func (l *Log) Apply(index uint64, data []byte) error {
+func (l *Log) Apply(index uint64, data []byte) (err error) {
 	var e entry
 	if err := json.Unmarshal(data, &e); err != nil {
 		return fmt.Errorf("cluster: entry %d: %w", index, err)
@@ -221,6 +269,14 @@ func (l *Log) Apply(index uint64, data []byte) error {
 		id := [16]byte(sum[:16])
 		l.id.Store(&id)
 	}
+	if l.isRetry(e) {
+		return nil
+	}
+	defer func() {
+		if err == nil {
+			l.remember(e)
+		}
+	}()
 	if e.Type == entryIncarnation {
 		return l.applyIncarnation(e)
 	}
@@ -244,6 +300,8 @@ func (l *Log) Apply(index uint64, data []byte) error {
 		return l.step(*e.Ev, e.Host)
 	case entryWindow:
 		return l.applyWindow(e)
+	case entrySlotClaim, entrySlotFree:
+		return l.applySlot(e)
 	case entryAck:
 		if e.Win == nil {
 			return fmt.Errorf("%w: ack entry without a window", shadowset.ErrBadEvent)
@@ -256,6 +314,37 @@ func (l *Log) Apply(index uint64, data []byte) error {
 		return nil
 	}
 	return fmt.Errorf("%w: unknown entry type %q", shadowset.ErrBadEvent, e.Type)
+}
+
+// isRetry reports whether e is a copy of a proposal already accepted.
+func (l *Log) isRetry(e entry) bool {
+	d := l.done[e.Host]
+	if e.ID == 0 || d == nil || d.Inc != e.Inc {
+		return false
+	}
+	_, found := slices.BinarySearch(d.IDs, e.ID)
+	return found
+}
+
+// remember records an accepted proposal (a new run of a host starts a new
+// record).
+func (l *Log) remember(e entry) {
+	if e.ID == 0 {
+		return
+	}
+	d := l.done[e.Host]
+	if d == nil || d.Inc != e.Inc {
+		d = &doneIDs{Inc: e.Inc}
+		l.done[e.Host] = d
+	}
+	i, found := slices.BinarySearch(d.IDs, e.ID)
+	if found {
+		return
+	}
+	d.IDs = slices.Insert(d.IDs, i, e.ID)
+	if len(d.IDs) > maxDoneIDs {
+		d.IDs = slices.Delete(d.IDs, 0, len(d.IDs)-maxDoneIDs)
+	}
 }
 
 func (l *Log) applyIncarnation(e entry) (err error) {
@@ -318,6 +407,83 @@ func (l *Log) applyWindow(e entry) error {
 		l.hooks.Window(w.Set, nw)
 	}
 	return nil
+}
+
+func (l *Log) applySlot(e entry) error {
+	if e.Slot == nil {
+		return fmt.Errorf("%w: slot entry without a slot", shadowset.ErrBadEvent)
+	}
+	owners := l.slots[e.Slot.Set]
+	if e.Type == entrySlotClaim {
+		if l.slots == nil {
+			l.slots = map[string][]string{}
+		}
+		if owners == nil {
+			owners = make([]string, WriteLogSlots)
+			l.slots[e.Slot.Set] = owners
+		}
+		if slices.Contains(owners, e.Host) {
+			return nil
+		}
+		for i, o := range owners {
+			if o == "" {
+				owners[i] = e.Host
+				return nil
+			}
+		}
+		return fmt.Errorf("%w: %s: %v", ErrNoSlot, e.Slot.Set, owners)
+	}
+	i := e.Slot.Index
+	if i < 0 || i >= WriteLogSlots {
+		return fmt.Errorf("%w: write-log slot %d out of range", shadowset.ErrBadEvent, i)
+	}
+	if owners == nil {
+		return nil // every slot of the set is free
+	}
+	// A slot is freed by its owner, or, once its owner no longer mounts
+	// the set, by the host whose merge covered it.
+	if o := owners[i]; o != "" && o != e.Host {
+		if sv, ok := l.core.Set(e.Slot.Set); ok && slices.Contains(sv.Mounted, o) {
+			return fmt.Errorf("%w: write-log slot %d of %s belongs to %s, which mounts the set", shadowset.ErrBadEvent, i, e.Slot.Set, o)
+		}
+	}
+	owners[i] = ""
+	return nil
+}
+
+// ClaimSlot takes (or finds) this host's write-log slot of set.
+func (l *Log) ClaimSlot(ctx context.Context, set string) (int, error) {
+	if err := l.propose(ctx, entry{Type: entrySlotClaim, Slot: &SlotEntry{Set: set}}); err != nil {
+		return -1, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if i := slices.Index(l.slots[set], l.host); i >= 0 {
+		return i, nil
+	}
+	return -1, fmt.Errorf("%w: claimed, yet no slot of %s is this host's", ErrNoSlot, set)
+}
+
+// FreeSlot releases a write-log slot of set.
+func (l *Log) FreeSlot(ctx context.Context, set string, i int) error {
+	return l.propose(ctx, entry{Type: entrySlotFree, Slot: &SlotEntry{Set: set, Index: i}})
+}
+
+// SlotOwners returns who holds each write-log slot of set ("" free).
+func (l *Log) SlotOwners(set string) []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.slotOwnersLocked(set)
+}
+
+// SlotOwnersLocked is SlotOwners for hooks (under the log's lock).
+func (l *Log) SlotOwnersLocked(set string) []string { return l.slotOwnersLocked(set) }
+
+func (l *Log) slotOwnersLocked(set string) []string {
+	if o := l.slots[set]; o != nil {
+		return slices.Clone(o)
+	}
+	return make([]string, WriteLogSlots)
 }
 
 func (l *Log) opRunning(set string, op shadowset.OpID, host string) bool {
@@ -551,13 +717,15 @@ func (l *Log) Close() {
 // logSnapshot is the state machine's snapshot: the core's own snapshot
 // and what the log keeps beside it.
 type logSnapshot struct {
-	V       int                `json:"v"`
-	ID      []byte             `json:"id,omitempty"`
-	Core    json.RawMessage    `json:"core"`
-	Incs    map[string]uint64  `json:"incs"`
-	Windows map[string]*Window `json:"windows,omitempty"`
-	Seq     uint64             `json:"seq"`
-	History []shadowset.Event  `json:"history,omitempty"`
+	V       int                 `json:"v"`
+	ID      []byte              `json:"id,omitempty"`
+	Core    json.RawMessage     `json:"core"`
+	Incs    map[string]uint64   `json:"incs"`
+	Windows map[string]*Window  `json:"windows,omitempty"`
+	Seq     uint64              `json:"seq"`
+	History []shadowset.Event   `json:"history,omitempty"`
+	Slots   map[string][]string `json:"slots,omitempty"`
+	Done    map[string]*doneIDs `json:"done,omitempty"`
 }
 
 // Snapshot implements StateMachine.
@@ -568,7 +736,7 @@ func (l *Log) Snapshot() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return json.Marshal(logSnapshot{V: entryVersion, ID: l.idBytes(), Core: c, Incs: l.incs, Windows: l.windows, Seq: l.seq, History: l.history})
+	return json.Marshal(logSnapshot{V: entryVersion, ID: l.idBytes(), Core: c, Incs: l.incs, Windows: l.windows, Seq: l.seq, History: l.history, Slots: l.slots, Done: l.done})
 }
 
 // Restore implements StateMachine.
@@ -586,12 +754,16 @@ func (l *Log) Restore(b []byte) error {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.core, l.incs, l.windows, l.seq, l.history = c, s.Incs, s.Windows, s.Seq, s.History
+	l.core, l.incs, l.windows, l.seq, l.history, l.slots = c, s.Incs, s.Windows, s.Seq, s.History, s.Slots
 	if len(s.ID) == 16 {
 		id := [16]byte(s.ID)
 		l.id.Store(&id)
 	}
 	l.registered = map[string]time.Time{}
+	l.done = s.Done
+	if l.done == nil {
+		l.done = map[string]*doneIDs{}
+	}
 	if l.incs == nil {
 		l.incs = map[string]uint64{}
 	}

@@ -132,6 +132,9 @@ func dialStream(addr string, kind byte, timeout time.Duration) (net.Conn, error)
 type forwardRequest struct {
 	Data []byte `json:"data"`
 	Hops int    `json:"hops"`
+	// Remove, instead of Data: take this host out of the raft
+	// configuration (it is leaving gracefully).
+	Remove string `json:"remove,omitempty"`
 }
 
 // forwardReply is the leader's answer: the entry's index and the FSM's

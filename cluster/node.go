@@ -3,6 +3,7 @@ package cluster
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -148,11 +149,15 @@ type Node struct {
 	done   sync.WaitGroup
 	closed sync.Once
 
-	// gone: the last departure gossip reported for each host not alive
-	// now (which run it was, when).
-	gone struct {
+	// members is gossip's view, kept from its events (which memberlist
+	// delivers under its own lock): memberlist's Members() hands out
+	// pointers to nodes it keeps updating, which cannot be read safely.
+	members struct {
 		sync.Mutex
-		m map[string]departure
+		alive map[string]Peer
+		// gone: the last departure gossip reported for each host not
+		// alive now (which run it was, when).
+		gone map[string]departure
 	}
 }
 
@@ -185,7 +190,7 @@ func Start(cfg NodeConfig) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, log: cfg.Logger.With().Str("component", "cluster").Logger(), events: make(chan struct{}, 1), stop: make(chan struct{})}
 	n.applied.cond = make(chan struct{})
-	n.gone.m = map[string]departure{}
+	n.members.alive, n.members.gone = map[string]Peer{}, map[string]departure{}
 	raftAddr := net.JoinHostPort(host, strconv.Itoa(port+1))
 	var inc uint64
 	if ic, ok := cfg.FSM.(incarnated); ok {
@@ -262,6 +267,14 @@ func (n *Node) startGossip(host string, port int) error {
 	// would let a dead host linger for seconds in a three-host cluster.
 	mc.SuspicionMaxTimeoutMult = 2
 	mc.GossipInterval = 100 * time.Millisecond
+	// memberlist's local profile sends each piece of news only
+	// 2×⌈log10(n+1)⌉ times, piggybacked on pings and acks too: in a small
+	// cluster a join or a refutation can miss a host entirely, which then
+	// learns of it only at the next push/pull (15 s), and a leader that
+	// missed a host's join would record it failed. Send news as often as
+	// the LAN profile does, and push/pull often: with few hosts it is cheap.
+	mc.RetransmitMult = 4
+	mc.PushPullInterval = 10 * n.cfg.Timing.ProbeInterval
 	mc.Delegate = delegate{n}
 	mc.Events = events{n}
 	mc.Logger = log.New(zlogWriter{n.log}, "", 0)
@@ -335,19 +348,28 @@ type events struct{ n *Node }
 
 func (e events) NotifyJoin(nd *memberlist.Node) {
 	e.n.log.Info().Str("peer", nd.Name).Str("addr", nd.Address()).Msg("gossip: host joined")
-	e.n.gone.Lock()
-	delete(e.n.gone.m, nd.Name)
-	e.n.gone.Unlock()
+	e.n.members.Lock()
+	e.n.members.alive[nd.Name] = peerOf(nd)
+	delete(e.n.members.gone, nd.Name)
+	e.n.members.Unlock()
 	e.n.poke()
 }
 func (e events) NotifyLeave(nd *memberlist.Node) {
 	e.n.log.Warn().Str("peer", nd.Name).Str("addr", nd.Address()).Msg("gossip: host failed or left")
-	e.n.gone.Lock()
-	e.n.gone.m[nd.Name] = departure{peer: peerOf(nd), at: time.Now()}
-	e.n.gone.Unlock()
+	e.n.members.Lock()
+	delete(e.n.members.alive, nd.Name)
+	e.n.members.gone[nd.Name] = departure{peer: peerOf(nd), at: time.Now()}
+	e.n.members.Unlock()
 	e.n.poke()
 }
-func (e events) NotifyUpdate(*memberlist.Node) { e.n.poke() }
+func (e events) NotifyUpdate(nd *memberlist.Node) {
+	e.n.members.Lock()
+	if _, ok := e.n.members.alive[nd.Name]; ok {
+		e.n.members.alive[nd.Name] = peerOf(nd)
+	}
+	e.n.members.Unlock()
+	e.n.poke()
+}
 
 func (n *Node) poke() {
 	select {
@@ -358,14 +380,18 @@ func (n *Node) poke() {
 
 // Alive returns the hosts gossip sees alive (this one included).
 func (n *Node) Alive() []Peer {
-	var out []Peer
-	for _, m := range n.ml.Members() {
-		out = append(out, peerOf(m))
+	n.members.Lock()
+	out := make([]Peer, 0, len(n.members.alive))
+	for _, p := range n.members.alive {
+		out = append(out, p)
 	}
+	n.members.Unlock()
 	slices.SortFunc(out, func(a, b Peer) int { return cmpString(a.Host, b.Host) })
 	return out
 }
 
+// peerOf reads a memberlist node: only inside memberlist's event
+// callbacks, which run under its lock.
 func peerOf(m *memberlist.Node) Peer {
 	var md nodeMeta
 	_ = json.Unmarshal(m.Meta, &md)
@@ -375,9 +401,9 @@ func peerOf(m *memberlist.Node) Peer {
 // departed returns gossip's last report of a host's failure or departure,
 // if it is not alive since.
 func (n *Node) departed(host string) (departure, bool) {
-	n.gone.Lock()
-	defer n.gone.Unlock()
-	d, ok := n.gone.m[host]
+	n.members.Lock()
+	defer n.members.Unlock()
+	d, ok := n.members.gone[host]
 	return d, ok
 }
 
@@ -521,6 +547,13 @@ func (n *Node) Propose(ctx context.Context, data []byte) error {
 // to any peer, which forwards once more).
 func (n *Node) propose(req forwardRequest, timeout time.Duration) (forwardReply, error) {
 	timeout = min(timeout, 10*time.Second)
+	if n.raft.State() == raft.Leader && req.Remove != "" {
+		f := n.raft.RemoveServer(raft.ServerID(req.Remove), 0, timeout)
+		if err := f.Error(); err != nil {
+			return forwardReply{}, err
+		}
+		return forwardReply{Index: f.Index()}, nil
+	}
 	if n.raft.State() == raft.Leader {
 		f := n.raft.Apply(req.Data, timeout)
 		if err := f.Error(); err != nil {
@@ -582,7 +615,10 @@ func (n *Node) WaitApplied(ctx context.Context, index uint64) error {
 		n.applied.Lock()
 		at, ch := n.applied.index, n.applied.cond
 		n.applied.Unlock()
-		if at >= index || n.raft.AppliedIndex() >= index {
+		// Not raft's AppliedIndex: raft counts an entry applied once it
+		// has handed it to the state machine's goroutine, before the state
+		// machine has applied it.
+		if at >= index {
 			return nil
 		}
 		t := time.NewTimer(30 * time.Second)
@@ -614,12 +650,36 @@ func (n *Node) markApplied(index uint64) {
 // Leave is the graceful stop: hand leadership over, leave gossip (the
 // leader then removes this host from raft), stop.
 func (n *Node) Leave() {
-	if n.IsLeader() && len(n.Servers()) > 1 {
-		if err := n.raft.LeadershipTransfer().Error(); err != nil {
-			n.log.Warn().Err(err).Msg("leadership transfer failed")
+	left := false
+	if len(n.Servers()) > 1 {
+		if n.IsLeader() {
+			if err := n.raft.LeadershipTransfer().Error(); err != nil {
+				n.log.Warn().Err(err).Msg("leadership transfer failed")
+			}
+		}
+		if n.ml != nil {
+			_ = n.ml.Leave(2 * time.Second)
+			left = true
+		}
+		// Gossip first, so that the leader's reconcile does not add it
+		// back. Then out of the raft configuration, as Consul's leave
+		// does: a host that left must not count against the quorum the
+		// others need (four voters, one of them dead, survive a graceful
+		// stop only if the stopped one stops counting).
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			_, err := n.propose(forwardRequest{Remove: n.cfg.Host}, time.Until(deadline))
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				n.log.Warn().Err(err).Msg("could not leave the raft configuration: the others count this host until they remove it")
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
 		}
 	}
-	if n.ml != nil {
+	if n.ml != nil && !left {
 		_ = n.ml.Leave(2 * time.Second)
 	}
 	n.Shutdown()
@@ -662,12 +722,19 @@ func (f fsmAdapter) Apply(l *raft.Log) any {
 	return err
 }
 
+// A snapshot is the index of the last entry the state machine applied
+// (8 bytes, big-endian), then the state machine's snapshot: restoring it
+// tells WaitApplied how far the state machine got (raft does not tell the
+// state machine which index a snapshot ends at).
 func (f fsmAdapter) Snapshot() (raft.FSMSnapshot, error) {
 	b, err := f.n.cfg.FSM.Snapshot()
 	if err != nil {
 		return nil, err
 	}
-	return snapshot(b), nil
+	f.n.applied.Lock()
+	at := f.n.applied.index
+	f.n.applied.Unlock()
+	return snapshot(append(binary.BigEndian.AppendUint64(make([]byte, 0, 8+len(b)), at), b...)), nil
 }
 
 func (f fsmAdapter) Restore(rc io.ReadCloser) error {
@@ -676,7 +743,14 @@ func (f fsmAdapter) Restore(rc io.ReadCloser) error {
 	if err != nil {
 		return err
 	}
-	return f.n.cfg.FSM.Restore(b)
+	if len(b) < 8 {
+		return fmt.Errorf("cluster: snapshot of %d bytes has no index", len(b))
+	}
+	if err := f.n.cfg.FSM.Restore(b[8:]); err != nil {
+		return err
+	}
+	f.n.markApplied(binary.BigEndian.Uint64(b[:8]))
+	return nil
 }
 
 type snapshot []byte

@@ -298,9 +298,6 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 			return nil, fmt.Errorf("mount %s: %s is not a member of the set as mounted on %v (add members on a mounted set one at a time)", args.Set, p, sv.Mounted)
 		}
 	}
-	if sv.Controller {
-		return nil, fmt.Errorf("mount %s: the set keeps write logs, which one host writes: it cannot be mounted on a second host (mounted on %v)", args.Set, sv.Mounted)
-	}
 	var devs []device.Device
 	defer func() {
 		if err != nil {
@@ -352,6 +349,31 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 	vol.size = size
 	if vol.bm, err = newBitmaps(bitmap.DefaultChunkSize); err != nil {
 		return nil, err
+	}
+	if sv.Controller {
+		// This host logs its writes in a slot of its own.
+		probes := make([]*probe, len(devs))
+		for i, d := range devs {
+			probes[i] = &probe{dev: d}
+		}
+		if err := a.attachOwnSlot(args.Set, probes, size); err != nil {
+			return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+		}
+		defer func() {
+			if err != nil {
+				a.freeOwnSlotAfterFailedMount(args.Set)
+			}
+		}()
+		vol.writeLog = true
+		for i, sp := range specs {
+			for _, rt := range vol.members {
+				if rt.dev == sp.Dev {
+					rt.dev = probes[i].dev
+				}
+			}
+			specs[i].Dev = probes[i].dev
+			devs[i] = probes[i].dev
+		}
 	}
 	vol.dirty.Store(true)
 	v, err := vu.New(vu.Config{Name: args.Set, Size: size, Members: specs, Logger: a.log, Shared: true,
@@ -502,7 +524,9 @@ func metaEvent(ev shadowset.Event, sv shadowset.SetView) bool {
 		// continues after the whole cluster went down.
 		return slices.ContainsFunc(sv.Ops, func(o shadowset.OpView) bool { return o.Kind.IsCopy() && o.State == shadowset.Running })
 	}
-	return false
+	// With write logs the metadata says whether a merge is owed (any
+	// event may start or end one: ticks, priorities, demands).
+	return sv.Controller
 }
 
 // syncMetaAll runs after each applied event (under the log's lock): the
@@ -585,6 +609,10 @@ func (vol *volume) syncMeta(sv shadowset.SetView) error {
 	}
 	vol.md.Members = table
 	vol.md.Dirty = true
+	// A merge owed on a set with write logs: a crash before it completes
+	// makes the next mount merge in full (Table 8-1's mount row), since
+	// the slots it would read may have been emptied or retaken.
+	vol.md.MergeUnderway = sv.Controller && slices.ContainsFunc(sv.Ops, func(o shadowset.OpView) bool { return o.Kind.IsMerge() })
 	for _, op := range sv.Ops {
 		if rt := vol.members[op.Target]; rt != nil && op.Kind.IsCopy() {
 			rt.checkpoint.Store(op.LBN)

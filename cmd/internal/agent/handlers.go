@@ -188,6 +188,7 @@ func (a *Agent) dismountSet(name string) error {
 	if err := vol.markClean(a, true); err != nil {
 		errs = append(errs, err)
 	}
+	a.releaseOwnSlot(vol)
 	if !a.mountedElsewhere(name) {
 		if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvForgetSet, Set: name}); err != nil && !a.clustered() {
 			errs = append(errs, err)

@@ -227,6 +227,15 @@ func (a *Agent) opBitmap(vol *volume, act shadowset.Action) (work *bitmap.Bitmap
 			return mc.bm.Clone(), false
 		}
 	case shadowset.ControllerMinimerge:
+		if a.clustered() {
+			// Under the log's lock (startRun runs in apply).
+			b, slots, ok := a.clusterLogBitmap(vol, act)
+			vol.mergedSlots = slots
+			if ok {
+				return b, false
+			}
+			break
+		}
 		if b := vol.loggedChunks(); b != nil {
 			return b, false
 		}
@@ -317,6 +326,16 @@ func (a *Agent) finished(act shadowset.Action) {
 	if act.OpKind.IsMerge() && recorder {
 		if err := a.mergeUnderway(vol, false); err != nil {
 			a.log.Error().Str("vu", act.Set).Err(err).Msg("cannot record the completed merge")
+		}
+	}
+	if act.OpKind.IsMerge() && a.clustered() {
+		_ = a.mergeUnderway(vol, false) // the logs' in-memory part
+		if act.Host == a.host && act.OpKind == shadowset.ControllerMinimerge {
+			a.mu.Lock()
+			slots := vol.mergedSlots
+			vol.mergedSlots = nil
+			a.mu.Unlock()
+			a.releaseMergedSlots(vol, slots)
 		}
 	}
 	if act.OpKind.IsCopy() {

@@ -58,6 +58,9 @@ type volume struct {
 	// remote is the window another host's merge or copy holds on the set
 	// (a cluster).
 	remote remoteWindow
+	// mergedSlots are the write-log slots of departed hosts the
+	// controller minimerge running here covers (guarded by Agent.mu).
+	mergedSlots []int
 	// stamp is the cluster stamp written into the metadata (zero for a
 	// cluster of one).
 	stamp func() meta.ClusterStamp
@@ -171,6 +174,13 @@ type probe struct {
 }
 
 const blankSample = 1 << 20
+
+// role is what mount makes of a named member.
+type role struct {
+	full       bool
+	checkpoint uint64 // for a copy target that was mid-copy
+	copy       bool   // needs a (new) full copy
+}
 
 func (a *Agent) openProbe(path string, opts device.Options, overwrite bool) (*probe, error) {
 	dev, err := a.cfg.OpenDevice(path, opts)
@@ -310,11 +320,6 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		}
 	}
 
-	type role struct {
-		full       bool
-		checkpoint uint64 // for a copy target that was mid-copy
-		copy       bool   // needs a (new) full copy
-	}
 	roles := make([]role, len(probes))
 	var md meta.Metadata
 	wasDirty := false
@@ -414,8 +419,26 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 	}
 	// Write logs: asked for, or recorded by the set's last mount.
 	writeLog := args.WriteLog || md.WriteLog.Length != 0
+	wasUnderway := md.MergeUnderway
 	logs := logState{}
-	if writeLog {
+	if writeLog && a.clustered() {
+		if logs.logged, err = bitmap.New(chunk); err != nil {
+			return nil, err
+		}
+		if err := a.attachClusterLogs(args.Set, probes, roles, wasDirty, md, size, &logs); err != nil {
+			return nil, fmt.Errorf("mount %s: %w", args.Set, err)
+		}
+		defer func() {
+			if err != nil {
+				a.freeOwnSlotAfterFailedMount(args.Set)
+			}
+		}()
+		bms.logged = logs.logged
+		// While the merge the logs call for is owed, a crash must make
+		// the next mount merge in full: this mount is about to reuse
+		// slots whose old content only this host's memory now holds.
+		md.MergeUnderway = wasDirty
+	} else if writeLog {
 		if logs.logged, err = bitmap.New(chunk); err != nil {
 			return nil, err
 		}
@@ -456,7 +479,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		// underway (Table 8-1's mount row makes it a full merge) or a log
 		// could not be read (only a full merge is safe).
 		switch {
-		case md.MergeUnderway:
+		case wasUnderway:
 			spec.Dirty = false
 			ops = append(ops, &shadowset.OpSpec{Set: args.Set, Kind: shadowset.ControllerMinimerge})
 			res.Warnings = append(res.Warnings, "a merge was underway when the set went down: full merge")

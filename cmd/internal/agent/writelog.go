@@ -27,10 +27,21 @@ type loggedDevice struct {
 	log    *wlog.Log
 	size   int64 // the volume's data size: the log covers [0, size)
 	region wlog.Region
+	// hostSlots: the log is this host's slot hostSlot of a region split
+	// between a cluster's hosts (hostlogs.go).
+	hostSlots bool
+	hostSlot  int
 }
 
-// descriptor is what the member's metadata records of its log.
+// descriptor is what the member's metadata records of its log: the
+// region, or, split into host slots, the whole region and the flag.
 func (d *loggedDevice) descriptor() meta.WriteLog {
+	if d.hostSlots {
+		whole, err := logRegion(d.Device)
+		if err == nil {
+			return meta.WriteLog{Offset: uint64(whole.Offset), Length: uint64(whole.Length), Flags: logFlagHostSlots}
+		}
+	}
 	return meta.WriteLog{Offset: uint64(d.region.Offset), Length: uint64(d.region.Length)}
 }
 
@@ -102,7 +113,11 @@ func (d *loggedDevice) Flush() error {
 }
 
 func (d *loggedDevice) Close() error {
-	return errors.Join(d.log.Close(), d.Device.Close())
+	err := d.log.Close()
+	if errors.Is(err, wlog.ErrClosed) {
+		err = nil // closed already when its host slot was released
+	}
+	return errors.Join(err, d.Device.Close())
 }
 
 // logRegion is where a member's write log lies.
@@ -207,7 +222,9 @@ func (a *Agent) mergeUnderway(vol *volume, on bool) error {
 		vol.bm.logged = nil
 		vol.bm.mu.Unlock()
 	}
-	if !changed {
+	if !changed || a.clustered() {
+		// (In a cluster the set's metadata writer records it from the
+		// log: syncMeta.)
 		return nil
 	}
 	return vol.writeAll()

@@ -1,0 +1,327 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/shadow-project/shadow/bitmap"
+	"github.com/shadow-project/shadow/bitmap/wlog"
+	"github.com/shadow-project/shadow/cluster"
+	"github.com/shadow-project/shadow/cmd/internal/device"
+	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/vu"
+	"github.com/shadow-project/shadow/shadowset"
+)
+
+// Write logs across hosts. A write-log block has one writer, so on a set
+// a cluster holds, the write-log region of every member is split into
+// cluster.WriteLogSlots slots, and each host that mounts the set logs its
+// own writes in its own slot, taken through the log (ClaimSlot). The
+// member's metadata records the whole region with logFlagHostSlots.
+//
+//   - A host formats its slot empty when it takes it, and again, after a
+//     flush, when it dismounts cleanly; then it frees it.
+//   - A host that fails keeps its slot: what it logged is what it may have
+//     left different. The merge that follows reads every slot whose owner
+//     no longer mounts the set, on every full member, and merges their
+//     union; when that merge completes, its host formats those slots
+//     empty and frees them ("a failed host's area is cleared only by the
+//     merge that covered it").
+//   - The first host to mount a dirty set reads every slot (nobody mounts
+//     it: every slot is orphaned), and the controller minimerge merges
+//     their union.
+//   - A set last written by a single-host agent (one log over the whole
+//     region) found dirty by a cluster gets a full merge: its log is not
+//     in slots.
+
+// logFlagHostSlots marks, in meta.WriteLog.Flags, a region split into
+// host slots.
+const logFlagHostSlots = 1 << 16
+
+// hostSlotRegion is slot k of a member's write-log region.
+func hostSlotRegion(dev device.Device, k int) (wlog.Region, error) {
+	r, err := logRegion(dev)
+	if err != nil {
+		return wlog.Region{}, err
+	}
+	sub := (r.Length / cluster.WriteLogSlots) &^ (wlog.BlockSize - 1)
+	return wlog.Region{Offset: r.Offset + int64(k)*sub, Length: sub}, nil
+}
+
+// attachHostLog formats this host's slot k on dev and puts dev's writes
+// through it.
+func attachHostLog(dev device.Device, size int64, k int) (*loggedDevice, error) {
+	sdev, ok := dev.(syncDevice)
+	if !ok {
+		return nil, fmt.Errorf("%s cannot keep a write log (no range-limited synchronous write)", dev.Path())
+	}
+	region, err := hostSlotRegion(dev, k)
+	if err != nil {
+		return nil, err
+	}
+	l, err := wlog.Format(sdev, region, size, 0)
+	if err != nil {
+		return nil, fmt.Errorf("format write-log slot %d of %s: %w", k, dev.Path(), err)
+	}
+	return &loggedDevice{Device: dev, log: l, size: size, region: region, hostSlots: true, hostSlot: k}, nil
+}
+
+// readHostLogs adds to into the extents logged in the given slots of
+// every device; lost lists what could not be read (torn, corrupt,
+// unreadable): only a full merge is safe then. A blank slot logged
+// nothing.
+func readHostLogs(devs []device.Device, size int64, slots []int, into *bitmap.Bitmap) (lost []string) {
+	for _, dev := range devs {
+		sdev, ok := underlying(dev).(syncDevice)
+		if !ok {
+			lost = append(lost, dev.Path()+": no write log")
+			continue
+		}
+		for _, k := range slots {
+			region, err := hostSlotRegion(dev, k)
+			if err != nil {
+				lost = append(lost, fmt.Sprintf("%s slot %d: %v", dev.Path(), k, err))
+				continue
+			}
+			got, err := wlog.Load(sdev, region, size)
+			switch {
+			case errors.Is(err, wlog.ErrBlank):
+			case err != nil:
+				lost = append(lost, fmt.Sprintf("%s slot %d: %v", dev.Path(), k, err))
+			default:
+				for off, n := range got.Ranges() {
+					into.AddRange(off, n)
+				}
+			}
+		}
+	}
+	return lost
+}
+
+// formatHostLogs empties the given slots on every device.
+func formatHostLogs(devs []device.Device, size int64, slots []int) error {
+	var errs []error
+	for _, dev := range devs {
+		sdev, ok := underlying(dev).(syncDevice)
+		if !ok {
+			continue
+		}
+		for _, k := range slots {
+			region, err := hostSlotRegion(dev, k)
+			if err == nil {
+				var l *wlog.Log
+				if l, err = wlog.Format(sdev, region, size, 0); err == nil {
+					err = l.Close()
+				}
+			}
+			if err != nil {
+				errs = append(errs, fmt.Errorf("empty write-log slot %d of %s: %w", k, dev.Path(), err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// underlying is the member below its write-log wrapper.
+func underlying(dev device.Device) device.Device {
+	if ld, ok := dev.(*loggedDevice); ok {
+		return ld.Device
+	}
+	return dev
+}
+
+// orphanSlots are the write-log slots whose owner no longer mounts the
+// set: what they logged may differ between members.
+func (a *Agent) orphanSlots(set string, locked bool) []int {
+	var owners []string
+	var sv shadowset.SetView
+	if locked {
+		owners = a.clog.SlotOwnersLocked(set)
+		sv, _ = a.elog.Locked().Set(set)
+	} else {
+		owners = a.clog.SlotOwners(set)
+		sv, _ = a.setView(set)
+	}
+	var out []int
+	for i, o := range owners {
+		mounted := false
+		for _, h := range sv.Mounted {
+			mounted = mounted || h == o
+		}
+		if o != "" && !mounted {
+			out = append(out, i)
+		}
+	}
+	return out
+}
+
+// fullDevices are the set's full members' devices.
+func (vol *volume) fullDevices() []device.Device {
+	var out []device.Device
+	vol.mdMu.Lock()
+	defer vol.mdMu.Unlock()
+	for _, m := range vol.vu.Members() {
+		if rt := vol.members[m.Path]; rt != nil && m.Role == vu.Full {
+			out = append(out, rt.dev)
+		}
+	}
+	return out
+}
+
+// clusterLogBitmap (under the log's lock) is what a controller minimerge
+// on a shared set merges:
+// the union of the orphaned slots on every full member, and what this
+// host recovered at mount. ok false: some log could not be read: merge
+// the whole volume.
+func (a *Agent) clusterLogBitmap(vol *volume, act shadowset.Action) (*bitmap.Bitmap, []int, bool) {
+	b, err := bitmap.New(vol.bm.chunkSize)
+	if err != nil {
+		return nil, nil, false
+	}
+	if rec := vol.loggedChunks(); rec != nil {
+		if err := b.Or(rec); err != nil {
+			return nil, nil, false
+		}
+	}
+	slots := a.orphanSlots(act.Set, true)
+	if lost := readHostLogs(vol.fullDevices(), vol.size, slots, b); len(lost) > 0 {
+		a.log.Warn().Str("vu", act.Set).Strs("lost", lost).Msg("write logs unreadable: the merge covers the whole volume")
+		return nil, slots, false
+	}
+	return b, slots, true
+}
+
+// releaseMergedSlots runs after a controller minimerge completed on this
+// host: the orphaned slots it covered are emptied and freed.
+func (a *Agent) releaseMergedSlots(vol *volume, slots []int) {
+	if len(slots) == 0 {
+		return
+	}
+	a.wg.Go(func() {
+		// Only slots still orphaned: none can have been retaken, since a
+		// taken slot has an owner that mounts the set.
+		still := map[int]bool{}
+		for _, k := range a.orphanSlots(vol.name, false) {
+			still[k] = true
+		}
+		var mine []int
+		for _, k := range slots {
+			if still[k] {
+				mine = append(mine, k)
+			}
+		}
+		if err := formatHostLogs(vol.fullDevices(), vol.size, mine); err != nil {
+			a.log.Error().Str("vu", vol.name).Err(err).Msg("cannot empty the merged write-log slots: they stay taken, and the next merge covers them again")
+			return
+		}
+		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
+		defer cancel()
+		for _, k := range mine {
+			if err := a.clog.FreeSlot(ctx, vol.name, k); err != nil {
+				a.log.Warn().Str("vu", vol.name).Int("slot", k).Err(err).Msg("cannot free a merged write-log slot")
+			}
+		}
+		a.log.Info().Str("vu", vol.name).Ints("slots", mine).Msg("write-log slots of departed hosts emptied after the merge")
+	})
+}
+
+// releaseOwnSlot: at a clean dismount, with every write of this host
+// flushed, its slot holds nothing a merge needs: empty it and free it.
+func (a *Agent) releaseOwnSlot(vol *volume) {
+	if !a.clustered() || !vol.writeLog {
+		return
+	}
+	// Every write this host made must be on stable storage of every
+	// member before its log may forget it.
+	if err := vol.vu.Flush(); err != nil {
+		a.log.Warn().Str("vu", vol.name).Err(err).Msg("flush before releasing the write-log slot failed: the slot stays, and the next merge covers it")
+		return
+	}
+	k := -1
+	vol.mdMu.Lock()
+	var devs []device.Device
+	for _, m := range vol.members {
+		if ld, ok := m.dev.(*loggedDevice); ok && ld.hostSlots {
+			k = ld.hostSlot
+			_ = ld.log.Close()
+			devs = append(devs, ld.Device)
+		}
+	}
+	vol.mdMu.Unlock()
+	if k < 0 {
+		return
+	}
+	if err := formatHostLogs(devs, vol.size, []int{k}); err != nil {
+		a.log.Warn().Str("vu", vol.name).Err(err).Msg("cannot empty this host's write-log slot: the next merge covers it")
+		return
+	}
+	ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
+	defer cancel()
+	if err := a.clog.FreeSlot(ctx, vol.name, k); err != nil {
+		a.log.Warn().Str("vu", vol.name).Err(err).Msg("cannot free this host's write-log slot")
+	}
+}
+
+// attachClusterLogs is mount's write-log step on a shared set, for the
+// first host to mount it: read what every slot logged (when the set was
+// found dirty: nobody mounts it, so every slot is orphaned), take a slot,
+// and put every member's writes through it.
+func (a *Agent) attachClusterLogs(set string, probes []*probe, roles []role, wasDirty bool, md meta.Metadata, size int64, logs *logState) error {
+	if wasDirty {
+		if md.WriteLog.Length != 0 && md.WriteLog.Flags&logFlagHostSlots == 0 {
+			logs.lost = append(logs.lost, "the set's write log was kept by a single-host agent, not in host slots")
+		} else {
+			var fulls []device.Device
+			for i, p := range probes {
+				if roles[i].full {
+					fulls = append(fulls, p.dev)
+				}
+			}
+			logs.lost = append(logs.lost, readHostLogs(fulls, size, allSlots(), logs.logged)...)
+		}
+	}
+	return a.attachOwnSlot(set, probes, size)
+}
+
+// attachOwnSlot takes this host's write-log slot and formats it on every
+// member, which then writes through it.
+func (a *Agent) attachOwnSlot(set string, probes []*probe, size int64) error {
+	ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
+	defer cancel()
+	k, err := a.clog.ClaimSlot(ctx, set)
+	if err != nil {
+		return fmt.Errorf("write log: %w", err)
+	}
+	for _, p := range probes {
+		ld, err := attachHostLog(p.dev, size, k)
+		if err != nil {
+			a.freeOwnSlotAfterFailedMount(set)
+			return err
+		}
+		p.dev = ld
+	}
+	return nil
+}
+
+// freeOwnSlotAfterFailedMount gives back a slot a failed mount took (it
+// was formatted empty, or never written).
+func (a *Agent) freeOwnSlotAfterFailedMount(set string) {
+	owners := a.clog.SlotOwners(set)
+	for k, o := range owners {
+		if o == a.host {
+			ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)
+			_ = a.clog.FreeSlot(ctx, set, k)
+			cancel()
+		}
+	}
+}
+
+func allSlots() []int {
+	out := make([]int, cluster.WriteLogSlots)
+	for i := range out {
+		out[i] = i
+	}
+	return out
+}
