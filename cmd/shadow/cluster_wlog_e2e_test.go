@@ -125,26 +125,7 @@ func containsWord(ws []string, w string) bool {
 
 // addWitness starts a witness host (a raft voter that mounts nothing)
 // joining the cluster.
-func (c *testCluster) addWitness(name string) *cnode {
-	c.t.Helper()
-	nd := &cnode{host: newHost(c.t), name: name, gossip: fmt.Sprintf("127.0.0.1:%d", freeGossipPort(c.t)), extra: []string{"--witness"}}
-	nd.state = nd.dir + "/state"
-	c.nodes = append(c.nodes, nd)
-	c.start(nd, []string{c.nodes[0].gossip})
-	waitFor(c.t, 30*time.Second, "the witness "+name+" to be a raft voter", func() (bool, string) {
-		r, err := c.nodes[0].tryShow()
-		if err != nil || r.Cluster == nil {
-			return false, fmt.Sprint(err)
-		}
-		for _, s := range r.Cluster.Servers {
-			if s.Host == name && s.Voter {
-				return true, ""
-			}
-		}
-		return false, fmt.Sprintf("%+v", r.Cluster.Servers)
-	})
-	return nd
-}
+func (c *testCluster) addWitness(name string) *cnode { return c.addWitnessWith(name) }
 
 // newClusterPer is newCluster with flags per host.
 func newClusterPer(t *testing.T, delay time.Duration, names []string, per map[string][]string) *testCluster {
