@@ -43,6 +43,10 @@ const (
 	// or a merge covered what it logged).
 	entrySlotClaim entryType = "wclaim"
 	entrySlotFree  entryType = "wfree"
+	// entryLeave: Host's run stops cleanly, mounting nothing: it is not
+	// a failure (no Table 8-1 row, no recovery delay), and its next run
+	// registers without failing this one.
+	entryLeave entryType = "leave"
 )
 
 // WriteLogSlots is how many hosts can keep write logs on one set's
@@ -197,6 +201,21 @@ func (l *Log) Register(ctx context.Context, witness bool) error {
 	return l.propose(ctx, entry{Type: entryIncarnation, Witness: witness})
 }
 
+// Leave records that this run stops cleanly, mounting nothing (the last
+// entry of a graceful stop, after every dismount).
+func (l *Log) Leave(ctx context.Context) error {
+	return l.propose(ctx, entry{Type: entryLeave})
+}
+
+// LeftCleanly reports whether a host's last run stopped cleanly and no
+// run has registered since.
+func (l *Log) LeftCleanly(host string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	inc, ok := l.incs[host]
+	return ok && inc == 0
+}
+
 // Append implements the agent's Log.
 func (l *Log) Append(ev shadowset.Event) error { return l.AppendFrom(context.Background(), ev) }
 
@@ -284,6 +303,14 @@ func (l *Log) Apply(index uint64, data []byte) (err error) {
 		return fmt.Errorf("%w: %s incarnation %x (current %x)", ErrStaleIncarnation, e.Host, e.Inc, cur)
 	}
 	switch e.Type {
+	case entryLeave:
+		for _, sv := range l.core.Sets() {
+			if slices.Contains(sv.Mounted, e.Host) {
+				return fmt.Errorf("%w: %s leaves while it mounts %s", shadowset.ErrBadEvent, e.Host, sv.Name)
+			}
+		}
+		l.incs[e.Host] = 0
+		return nil
 	case entryEvent:
 		if e.Ev == nil {
 			return fmt.Errorf("%w: event entry without an event", shadowset.ErrBadEvent)
@@ -379,8 +406,9 @@ func (l *Log) applyIncarnation(e entry) (err error) {
 			alive = h.Alive
 		}
 	}
-	if had && prev != e.Inc && alive {
-		// The previous run died without the cluster noticing yet.
+	if had && prev != e.Inc && prev != 0 && alive {
+		// The previous run died without the cluster noticing yet (one
+		// that left cleanly set its incarnation to 0).
 		if err := l.step(shadowset.Event{Kind: shadowset.EvHostFailed, Host: e.Host}, e.Host); err != nil {
 			return err
 		}
@@ -586,16 +614,29 @@ func (l *Log) armTimer(at time.Duration) {
 	if _, ok := l.timers[at]; ok {
 		return
 	}
-	wait := at - l.core.Now()
-	l.timers[at] = time.AfterFunc(wait, func() {
-		l.mu.Lock()
-		delete(l.timers, at)
-		now, leading := l.core.Now(), l.leading
-		l.mu.Unlock()
-		if at > now && leading {
-			_ = l.Append(shadowset.Event{Kind: shadowset.EvTick, Duration: at - now})
-		}
-	})
+	l.timers[at] = time.AfterFunc(at-l.core.Now(), func() { l.tick(at) })
+}
+
+// tick appends the tick that reaches virtual time at, if this host still
+// leads and no tick has reached it yet; a failed append is retried soon,
+// not lost.
+func (l *Log) tick(at time.Duration) {
+	l.mu.Lock()
+	delete(l.timers, at)
+	now, leading := l.core.Now(), l.leading
+	l.mu.Unlock()
+	if at <= now || !leading {
+		return
+	}
+	err := l.Append(shadowset.Event{Kind: shadowset.EvTick, Duration: at - now})
+	if err == nil || errors.Is(err, ErrClosed) {
+		return
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := l.timers[at]; !ok && l.leading && !l.closed {
+		l.timers[at] = time.AfterFunc(200*time.Millisecond, func() { l.tick(at) })
+	}
 }
 
 // LeaderChanged implements Reconciler: a new leader takes over the
@@ -641,7 +682,10 @@ func (l *Log) Reconcile(alive []Peer) {
 		if !h.Alive || slices.ContainsFunc(alive, func(p Peer) bool { return p.Host == h.Name }) {
 			continue
 		}
-		inc := l.incs[h.Name]
+		inc, ok := l.incs[h.Name]
+		if ok && inc == 0 {
+			continue // left cleanly: not a failure
+		}
 		if d, ok := l.node.departed(h.Name); !ok || d.peer.Inc != inc || inc == 0 {
 			if at, ok := l.registered[h.Name]; ok && time.Since(at) < grace {
 				continue
@@ -754,6 +798,11 @@ func (l *Log) Restore(b []byte) error {
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	for set, owners := range s.Slots {
+		if len(owners) != WriteLogSlots {
+			return fmt.Errorf("cluster: snapshot: %d write-log slots for %s, want %d", len(owners), set, WriteLogSlots)
+		}
+	}
 	l.core, l.incs, l.windows, l.seq, l.history, l.slots = c, s.Incs, s.Windows, s.Seq, s.History, s.Slots
 	if len(s.ID) == 16 {
 		id := [16]byte(s.ID)

@@ -29,14 +29,13 @@ type mux struct {
 	ln      net.Listener
 	raftCh  chan net.Conn
 	forward func(net.Conn)
-	// applied serves streamApplied (set before the host is known to
-	// anyone: nil closes such connections).
+	// applied serves streamApplied (nil closes such connections).
 	applied func(net.Conn)
 	closed  chan struct{}
 	once    sync.Once
 }
 
-func newMux(addr string, forward func(net.Conn)) (*mux, error) {
+func newMux(addr string, forward func(net.Conn), applied ...func(net.Conn)) (*mux, error) {
 	if err := CheckLoopback(addr); err != nil {
 		return nil, err
 	}
@@ -45,6 +44,9 @@ func newMux(addr string, forward func(net.Conn)) (*mux, error) {
 		return nil, fmt.Errorf("cluster: listen %s: %w", addr, err)
 	}
 	m := &mux{ln: ln, raftCh: make(chan net.Conn, 16), forward: forward, closed: make(chan struct{})}
+	if len(applied) > 0 {
+		m.applied = applied[0]
+	}
 	go m.accept()
 	return m, nil
 }

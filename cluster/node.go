@@ -199,10 +199,9 @@ func Start(cfg NodeConfig) (*Node, error) {
 	n.self = Peer{Host: cfg.Host, Gossip: cfg.Listen, Raft: raftAddr, Witness: cfg.Witness, Inc: inc}
 	n.meta, _ = json.Marshal(nodeMeta{Raft: raftAddr, Witness: cfg.Witness, Version: 1, Inc: inc})
 
-	if n.mux, err = newMux(raftAddr, n.serveForward); err != nil {
+	if n.mux, err = newMux(raftAddr, n.serveForward, n.serveApplied); err != nil {
 		return nil, err
 	}
-	n.mux.applied = n.serveApplied
 	fail := func(err error) (*Node, error) { n.shutdownAll(); return nil, err }
 	if err := n.startRaft(); err != nil {
 		return fail(err)
@@ -459,8 +458,16 @@ func (n *Node) leaderLoop() {
 			return
 		case isLeader := <-n.raft.LeaderCh():
 			if isLeader {
-				if err := n.raft.Barrier(10 * time.Second).Error(); err != nil {
-					n.log.Warn().Err(err).Msg("leader barrier failed")
+				// Until the barrier passes, this leader's state machine may
+				// lack entries committed before it led: it acts on nothing.
+				var err error
+				for try := 0; try < 30 && n.IsLeader(); try++ {
+					if err = n.raft.Barrier(10 * time.Second).Error(); err == nil {
+						break
+					}
+					n.log.Warn().Err(err).Msg("leader barrier failed; retrying")
+				}
+				if err != nil || !n.IsLeader() {
 					continue
 				}
 			}

@@ -212,6 +212,15 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 			errs = append(errs, err)
 		}
 	}
+	if a.clustered() && len(errs) == 0 {
+		// Not a failure: no recovery delay for the others, and the next
+		// run registers without failing this one.
+		lctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		if err := a.clog.Leave(lctx); err != nil {
+			a.log.Warn().Err(err).Msg("could not record the clean stop: the others will see a failure")
+		}
+		cancel()
+	}
 	a.elog.Close()
 	a.stopCluster(true)
 	a.stop()

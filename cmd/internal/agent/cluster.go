@@ -441,7 +441,7 @@ type ClusterShow struct {
 // HostShow is one host in the cluster view.
 type HostShow struct {
 	Host    string `json:"host"`
-	State   string `json:"state"` // up, failed
+	State   string `json:"state"` // up, failed, left (stopped cleanly)
 	Gossip  bool   `json:"gossip"`
 	Witness bool   `json:"witness,omitempty"`
 	Leader  bool   `json:"leader,omitempty"`
@@ -462,10 +462,13 @@ func (a *Agent) clusterShow() *ClusterShow {
 	}
 	for _, h := range hosts {
 		st := "failed"
-		if h.Alive {
+		g := slices.ContainsFunc(alive, func(p cluster.Peer) bool { return p.Host == h.Name })
+		switch {
+		case h.Alive && !g && a.clog.LeftCleanly(h.Name):
+			st = "left"
+		case h.Alive:
 			st = "up"
 		}
-		g := slices.ContainsFunc(alive, func(p cluster.Peer) bool { return p.Host == h.Name })
 		cs.Hosts = append(cs.Hosts, HostShow{Host: h.Name, State: st, Gossip: g, Leader: h.Name == cs.Leader, Voter: voter(h.Name)})
 		seen[h.Name] = true
 	}
