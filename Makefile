@@ -53,6 +53,7 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 	$(GO) test ./cmd/internal/nbd -run '^$$' -fuzz '^FuzzNegotiation$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./cmd/internal/agent -run '^$$' -fuzz '^FuzzParseHBMMPolicy$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 	$(GO) test ./bitmap/wlog -run '^$$' -fuzz '^FuzzLoad$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
+	$(GO) test ./cluster -run '^$$' -fuzz '^FuzzLogApply$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 5s
 
 bench: tools ## side-by-side comparison with the peers (fio; 5 alternating runs, medians); table in bench.out
 	rm -f bench.out
