@@ -38,6 +38,9 @@ type volume struct {
 	cleanMu   sync.RWMutex
 	dirty     atomic.Bool
 	lastWrite atomic.Int64 // unix nanos
+	// flushedWrite is the lastWrite an idle flush covered (a cluster's
+	// write-log sets, which are never marked clean while shared).
+	flushedWrite atomic.Int64
 
 	// mergeFence says what the running merge on this host still owes
 	// (nil when no merge runs here).
@@ -856,7 +859,16 @@ func (vol *volume) BeginFlush() func(bool) {
 func (vol *volume) markClean(a *Agent, force bool) error {
 	if a.clustered() && (!force || a.mountedElsewhere(vol.name)) {
 		// Other hosts may write the set without this host knowing: it is
-		// marked clean only by the last host to dismount it.
+		// marked clean only by the last host to dismount it. Its write
+		// log still needs flushes to clear its idle extents.
+		if vol.writeLog && !force && vol.flushedWrite.Load() != vol.lastWrite.Load() &&
+			time.Since(time.Unix(0, vol.lastWrite.Load())) >= a.cfg.CleanAfter {
+			last := vol.lastWrite.Load()
+			if err := vol.vu.Flush(); err != nil {
+				return fmt.Errorf("idle flush for the write log: %w", err)
+			}
+			vol.flushedWrite.Store(last)
+		}
 		return nil
 	}
 	idle := func() bool { return force || time.Since(time.Unix(0, vol.lastWrite.Load())) >= a.cfg.CleanAfter }
