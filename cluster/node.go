@@ -58,7 +58,7 @@ type Timing struct {
 }
 
 // DefaultTiming is the timing the agent uses unless told otherwise.
-var DefaultTiming = Timing{ProbeInterval: 300 * time.Millisecond, ProbeTimeout: 200 * time.Millisecond, SuspicionMult: 3, RaftHeartbeat: 500 * time.Millisecond}
+var DefaultTiming = Timing{ProbeInterval: 250 * time.Millisecond, ProbeTimeout: 150 * time.Millisecond, SuspicionMult: 3, RaftHeartbeat: 500 * time.Millisecond}
 
 // NodeConfig configures a Node.
 type NodeConfig struct {

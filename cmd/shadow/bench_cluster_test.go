@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/shadow-project/shadow/cluster"
 )
 
 func TestPerformanceCluster(t *testing.T) {
@@ -106,7 +108,7 @@ func benchFailover(t *testing.T, b *strings.Builder) {
 	sorted := slices.Clone(took)
 	slices.Sort(sorted)
 	fmt.Fprintf(b, "SIGKILL of a host to a merge running on a survivor, 10 failures (5 of the raft leader), recovery delay %s, probe interval %s, probe timeout %s, suspicion ×%d, raft heartbeat %s:\n\n",
-		delay, "300ms", "200ms", 3, "500ms")
+		delay, cluster.DefaultTiming.ProbeInterval, cluster.DefaultTiming.ProbeTimeout, cluster.DefaultTiming.SuspicionMult, cluster.DefaultTiming.RaftHeartbeat)
 	fmt.Fprintf(b, "| | min | median | max | minus the delay (median) |\n|---|---|---|---|---|\n")
 	fmt.Fprintf(b, "| all | %s | %s | %s | %s |\n", sorted[0].Round(10*time.Millisecond), sorted[len(sorted)/2].Round(10*time.Millisecond),
 		sorted[len(sorted)-1].Round(10*time.Millisecond), (sorted[len(sorted)/2] - delay).Round(10*time.Millisecond))

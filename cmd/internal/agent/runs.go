@@ -56,10 +56,36 @@ func (a *Agent) startRun(act shadowset.Action) {
 			return
 		}
 		var err error
-		if act.OpKind.IsMerge() {
-			err = a.runMerge(ctx, vol, act, f, work)
-		} else {
-			err = a.runCopy(ctx, vol, act, work)
+		for {
+			if act.OpKind.IsMerge() {
+				err = a.runMerge(ctx, vol, act, f, work)
+			} else {
+				err = a.runCopy(ctx, vol, act, work)
+			}
+			var ee *engineError
+			if err == nil || ctx.Err() != nil || (errors.As(err, &ee) && ee.member != "") {
+				break
+			}
+			// No member is to blame (the cluster's log, a window): the op
+			// still runs here as far as the core knows, so run it again
+			// from its last checkpoint rather than leave it hanging.
+			a.log.Warn().Str("vu", act.Set).Uint64("op", uint64(act.Op)).Err(err).Msg(act.OpKind.String() + " failed with no member to blame; running it again from its checkpoint")
+			t := time.NewTimer(time.Second)
+			select {
+			case <-ctx.Done():
+			case <-t.C:
+			}
+			t.Stop()
+			if ctx.Err() != nil {
+				break
+			}
+			if sv, ok := a.setView(act.Set); ok {
+				for _, op := range sv.Ops {
+					if op.ID == act.Op {
+						act.LBN = op.LBN
+					}
+				}
+			}
 		}
 		vol.bm.endWork(act.Op, err == nil)
 		switch {
