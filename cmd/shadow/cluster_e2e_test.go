@@ -592,15 +592,26 @@ func waitRunning(t *testing.T, nd *cnode, set, kind string, within time.Duration
 func waitProgress(t *testing.T, nd *cnode, set string, id uint64, lbn uint64, within time.Duration) uint64 {
 	t.Helper()
 	var last uint64
+	seen := false
 	deadline := time.Now().Add(within)
 	for {
 		r, err := nd.tryShow()
 		if err == nil {
 			s, _ := setOf(r, set)
 			op, ok := opOf(s, id, "")
+			if !ok && !seen {
+				// nd may not have applied the entry that started the op
+				// yet (the host that reported it runs ahead): wait.
+				if time.Now().After(deadline) {
+					t.Fatalf("op%d of %s never appeared on %s within %s", id, set, nd.name, within)
+				}
+				time.Sleep(20 * time.Millisecond)
+				continue
+			}
 			if !ok {
 				t.Fatalf("op%d of %s ended before its checkpoint reached LBN %d (last seen %d): make the op slower (--max-rate)", id, set, lbn, last)
 			}
+			seen = true
 			if op.State != "running" || op.Host != nd.name {
 				t.Fatalf("op%d of %s left %s before reaching LBN %d: %+v", id, set, nd.name, lbn, op)
 			}
