@@ -111,8 +111,11 @@ type Window struct {
 	Seq  uint64         `json:"seq"`
 	Lo   int64          `json:"lo"`
 	Hi   int64          `json:"hi"`
-	// Acked lists the hosts that have drained their writes to the range.
+	// Acked lists the hosts that have drained their writes to the range;
+	// Busy, those among them whose applications were writing: the engine
+	// then runs at its minimum rate, as it does for its own host's I/O.
 	Acked []string `json:"acked,omitempty"`
+	Busy  []string `json:"busy,omitempty"`
 }
 
 // ErrNotMounted: a joining mount found the set mounted nowhere.
@@ -337,6 +340,10 @@ func (l *Log) Apply(index uint64, data []byte) (err error) {
 		if w != nil && w.Seq == e.Win.Seq && !slices.Contains(w.Acked, e.Host) {
 			w.Acked = append(w.Acked, e.Host)
 			slices.Sort(w.Acked)
+			if len(e.Win.Busy) > 0 {
+				w.Busy = append(w.Busy, e.Host)
+				slices.Sort(w.Busy)
+			}
 		}
 		return nil
 	}
@@ -571,8 +578,15 @@ func (l *Log) signal() {
 // host that mounts the set has drained its writes to it (or stopped
 // mounting the set, e.g. by failing).
 func (l *Log) Announce(ctx context.Context, set string, op shadowset.OpID, lo, hi int64) error {
+	_, err := l.AnnounceBusy(ctx, set, op, lo, hi)
+	return err
+}
+
+// AnnounceBusy is Announce, and reports whether a host that acknowledged
+// said its applications were writing.
+func (l *Log) AnnounceBusy(ctx context.Context, set string, op shadowset.OpID, lo, hi int64) (busy bool, err error) {
 	if err := l.propose(ctx, entry{Type: entryWindow, Win: &Window{Set: set, Op: op, Lo: lo, Hi: hi}}); err != nil {
-		return err
+		return false, err
 	}
 	for {
 		l.mu.Lock()
@@ -581,7 +595,7 @@ func (l *Log) Announce(ctx context.Context, set string, op shadowset.OpID, lo, h
 		done := false
 		if w == nil || w.Op != op || w.Host != l.host {
 			l.mu.Unlock()
-			return fmt.Errorf("cluster: window on %s for op%d closed", set, op)
+			return false, fmt.Errorf("cluster: window on %s for op%d closed", set, op)
 		}
 		if sv, ok := l.core.Set(set); ok {
 			done = true
@@ -591,21 +605,77 @@ func (l *Log) Announce(ctx context.Context, set string, op shadowset.OpID, lo, h
 				}
 			}
 		}
+		busy = len(w.Busy) > 0
 		l.mu.Unlock()
 		if done {
-			return nil
+			return busy, nil
 		}
 		select {
 		case <-ch:
 		case <-ctx.Done():
-			return ctx.Err()
+			return false, ctx.Err()
 		}
 	}
 }
 
 // Ack tells the window's host that this one has drained its writes.
 func (l *Log) Ack(ctx context.Context, set string, seq uint64) error {
-	return l.propose(ctx, entry{Type: entryAck, Win: &Window{Set: set, Seq: seq}})
+	return l.AckBusy(ctx, set, seq, false)
+}
+
+// AckBusy is Ack, saying whether this host's applications are writing.
+// It goes to the window's host directly (inforce.go), retried until that
+// host takes it or the window is gone.
+func (l *Log) AckBusy(ctx context.Context, set string, seq uint64, busy bool) error {
+	for {
+		l.mu.Lock()
+		w := l.windows[set]
+		ch := l.changed
+		l.mu.Unlock()
+		if w == nil || w.Seq != seq {
+			return nil // the window moved on: nobody waits for this ack
+		}
+		err := l.node.sendAck(w.Host, ackRequest{Set: set, Seq: seq, Host: l.host, Busy: busy})
+		if err == nil {
+			return nil
+		}
+		t := time.NewTimer(100 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("cluster: ack of window %d of %s: %w (last: %v)", seq, set, ctx.Err(), err)
+		case <-ch:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// receiveAck records an ack this host's engine waits for.
+func (l *Log) receiveAck(set string, seq uint64, host string, busy bool) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	w := l.windows[set]
+	switch {
+	case w == nil || w.Seq < seq:
+		// This host has not applied the window yet (it may lag the
+		// acknowledging host): the sender tries again.
+		return fmt.Errorf("window %d of %s not applied here yet", seq, set)
+	case w.Seq > seq:
+		return nil // an earlier window's: moot
+	case w.Host != l.host:
+		return fmt.Errorf("window %d of %s is not held here", seq, set)
+	}
+	if !slices.Contains(w.Acked, host) {
+		w.Acked = append(w.Acked, host)
+		slices.Sort(w.Acked)
+		if busy {
+			w.Busy = append(w.Busy, host)
+			slices.Sort(w.Busy)
+		}
+	}
+	l.signal()
+	return nil
 }
 
 // armTimer turns the core's virtual deadline into a real timer on the

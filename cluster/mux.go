@@ -21,6 +21,8 @@ const (
 	streamForward byte = 'F'
 	// streamApplied asks a host to answer once it has applied an index.
 	streamApplied byte = 'W'
+	// streamAck carries a window's acknowledgement to the engine's host.
+	streamAck byte = 'K'
 )
 
 // mux accepts connections on the cluster's TCP port and sorts them by
@@ -29,8 +31,10 @@ type mux struct {
 	ln      net.Listener
 	raftCh  chan net.Conn
 	forward func(net.Conn)
-	// applied serves streamApplied (nil closes such connections).
+	// applied serves streamApplied, ack streamAck (nil closes such
+	// connections).
 	applied func(net.Conn)
+	ack     func(net.Conn)
 	closed  chan struct{}
 	once    sync.Once
 }
@@ -46,6 +50,9 @@ func newMux(addr string, forward func(net.Conn), applied ...func(net.Conn)) (*mu
 	m := &mux{ln: ln, raftCh: make(chan net.Conn, 16), forward: forward, closed: make(chan struct{})}
 	if len(applied) > 0 {
 		m.applied = applied[0]
+	}
+	if len(applied) > 1 {
+		m.ack = applied[1]
 	}
 	go m.accept()
 	return m, nil
@@ -80,6 +87,12 @@ func (m *mux) accept() {
 					return
 				}
 				m.applied(c)
+			case streamAck:
+				if m.ack == nil {
+					c.Close()
+					return
+				}
+				m.ack(c)
 			default:
 				c.Close()
 			}

@@ -199,7 +199,7 @@ func Start(cfg NodeConfig) (*Node, error) {
 	n.self = Peer{Host: cfg.Host, Gossip: cfg.Listen, Raft: raftAddr, Witness: cfg.Witness, Inc: inc}
 	n.meta, _ = json.Marshal(nodeMeta{Raft: raftAddr, Witness: cfg.Witness, Version: 1, Inc: inc})
 
-	if n.mux, err = newMux(raftAddr, n.serveForward, n.serveApplied); err != nil {
+	if n.mux, err = newMux(raftAddr, n.serveForward, n.serveApplied, n.serveAck); err != nil {
 		return nil, err
 	}
 	fail := func(err error) (*Node, error) { n.shutdownAll(); return nil, err }

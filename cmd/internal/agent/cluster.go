@@ -36,8 +36,14 @@ type ClusterConfig struct {
 }
 
 // WindowSize is how much of a shared set a merge or copy claims at once:
-// other hosts' writes there wait while it is processed. Larger windows
-// cost fewer log entries and longer stalls for writers that hit them.
+// other hosts' writes there wait while it is processed. A writer that hits
+// the window waits about WindowSize / (2 × the engine's rate), and the
+// share of writes that hit it is WindowSize / volume size, so the stall
+// grows with the square of the window and the inverse of the rate; each
+// window also costs a log entry (an fsync on every voter). Measured with
+// make bench (docs/performance.md): 16 MiB at full engine speed gave the
+// other hosts' writers the most; smaller windows, or slowing the engine
+// while they write, gave them less.
 const WindowSize = 16 << 20
 
 // startCluster joins the cluster and declares this run's incarnation: its
@@ -220,7 +226,8 @@ func (a *Agent) onWindow(set string, w *cluster.Window) {
 		rw.mu.Unlock()
 		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
 		defer cancel()
-		if err := a.clog.Ack(ctx, set, seq); err != nil && ctx.Err() == nil {
+		busy := time.Since(time.Unix(0, vol.lastWrite.Load())) < time.Second
+		if err := a.clog.AckBusy(ctx, set, seq, busy); err != nil && ctx.Err() == nil {
 			a.log.Warn().Str("vu", set).Uint64("window", seq).Err(err).Msg("cannot acknowledge a merge window")
 		}
 	})
