@@ -114,15 +114,6 @@ func TestClusterE2EWriteLogs(t *testing.T) {
 	}
 }
 
-func containsWord(ws []string, w string) bool {
-	for _, x := range ws {
-		if x == w {
-			return true
-		}
-	}
-	return false
-}
-
 // addWitness starts a witness host (a raft voter that mounts nothing)
 // joining the cluster.
 func (c *testCluster) addWitness(name string) *cnode { return c.addWitnessWith(name) }
