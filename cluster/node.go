@@ -261,10 +261,11 @@ func (n *Node) startGossip(host string, port int) error {
 	mc.ProbeTimeout = n.cfg.Timing.ProbeTimeout
 	mc.SuspicionMult = n.cfg.Timing.SuspicionMult
 	// A suspect may refute for SuspicionMult × ProbeInterval (× log10 of
-	// the hosts, at least 1), stretched to at most twice that while too
-	// few peers confirm the suspicion: memberlist's default stretch (6×)
-	// would let a dead host linger for seconds in a three-host cluster.
-	mc.SuspicionMaxTimeoutMult = 2
+	// the hosts, at least 1), not stretched while too few peers confirm
+	// the suspicion: memberlist's default stretch (6×) would let a dead
+	// host linger for seconds in a three-host cluster, and even 2× put
+	// one failure in ten past the recovery delay plus 2 s.
+	mc.SuspicionMaxTimeoutMult = 1
 	mc.GossipInterval = 100 * time.Millisecond
 	// memberlist's local profile sends each piece of news only
 	// 2×⌈log10(n+1)⌉ times, piggybacked on pings and acks too: in a small

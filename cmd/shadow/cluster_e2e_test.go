@@ -432,26 +432,29 @@ func TestClusterE2EHostFailureDuringWrites(t *testing.T) {
 			t.Logf("killed %s (leader: %v)", victim.name, round%2 == 1)
 			// B keeps writing elsewhere through the delay and the merge.
 			b2 := background(t, "fio", fioArgs("bload", b.uri("DSA1"), "32m", "16m", "--time_based", "--runtime=8")...)
-			if err := bfio.Wait(); err != nil {
-				t.Fatalf("B's fio (write then verify through B) failed: %v", err)
-			}
 			survivors := c.live()
 			var started time.Duration
 			var mergeHost string
-			waitFor(t, delay+30*time.Second, "a merge running on a survivor", func() (bool, string) {
+			// Polled every 20 ms from the kill on: the time measured is the
+			// cluster's, not the poll's.
+			for deadline := killedAt.Add(delay + 30*time.Second); mergeHost == ""; time.Sleep(20 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatalf("no merge running on a survivor %s after the kill", time.Since(killedAt))
+				}
 				r, err := survivors[0].tryShow()
 				if err != nil {
-					return false, err.Error()
+					continue
 				}
 				s, _ := setOf(r, "DSA1")
 				for _, op := range s.Ops {
 					if op.Kind == "full-merge" && op.State == "running" {
 						started, mergeHost = time.Since(killedAt), op.Host
-						return true, ""
 					}
 				}
-				return false, fmt.Sprintf("%+v", s.Ops)
-			})
+			}
+			if err := bfio.Wait(); err != nil {
+				t.Fatalf("B's fio (write then verify through B) failed: %v", err)
+			}
 			t.Logf("merge started on %s %s after the kill (recovery delay %s)", mergeHost, started.Round(time.Millisecond), delay)
 			if started > delay+2*time.Second {
 				t.Errorf("merge started %s after the kill, want at most the recovery delay plus 2 s (%s)", started, delay+2*time.Second)
