@@ -108,25 +108,11 @@ type testCluster struct {
 // join it. extra flags go to every agent.
 func newCluster(t *testing.T, delay time.Duration, names []string, extra ...string) *testCluster {
 	t.Helper()
-	c := &testCluster{t: t, dir: t.TempDir(), delay: delay}
-	for i, n := range names {
-		nd := &cnode{host: newHost(t), name: n, gossip: fmt.Sprintf("127.0.0.1:%d", freeGossipPort(t)), extra: extra}
-		nd.state = filepath.Join(nd.dir, "state")
-		c.nodes = append(c.nodes, nd)
-		var join []string
-		if i > 0 {
-			join = []string{c.nodes[0].gossip}
-		}
-		c.start(nd, join)
+	per := map[string][]string{}
+	for _, n := range names {
+		per[n] = extra
 	}
-	// Runs before the hosts are killed (cleanups run last first).
-	t.Cleanup(func() {
-		if t.Failed() {
-			c.dumpEvents()
-		}
-	})
-	c.waitHosts(len(names))
-	return c
+	return newClusterPer(t, delay, names, per)
 }
 
 // dumpEvents logs the live hosts' event logs (each distinct one once),

@@ -194,9 +194,18 @@ func (a *Agent) dismountSet(name string) error {
 			errs = append(errs, err)
 		}
 	}
+	errs = append(errs, a.forgetVolume(vol))
+	a.log.Info().Str("vu", name).Msg("dismounted")
+	return errors.Join(errs...)
+}
+
+// forgetVolume is the end of a dismount: the set leaves this host and its
+// members, retired ones included, are closed.
+func (a *Agent) forgetVolume(vol *volume) error {
 	a.mu.Lock()
-	delete(a.sets, name)
+	delete(a.sets, vol.name)
 	a.mu.Unlock()
+	var errs []error
 	vol.mdMu.Lock()
 	for _, m := range vol.members {
 		if err := m.dev.Close(); err != nil {
@@ -209,7 +218,6 @@ func (a *Agent) dismountSet(name string) error {
 		d.Close()
 	}
 	vol.retiredMu.Unlock()
-	a.log.Info().Str("vu", name).Msg("dismounted")
 	return errors.Join(errs...)
 }
 
@@ -235,24 +243,9 @@ func (a *Agent) abortSet(name string) error {
 	if !a.mountedElsewhere(name) {
 		_ = a.elog.Append(shadowset.Event{Kind: shadowset.EvForgetSet, Set: name})
 	}
-	a.mu.Lock()
-	delete(a.sets, name)
-	a.mu.Unlock()
-	var errs []error
-	vol.mdMu.Lock()
-	for _, m := range vol.members {
-		if err := m.dev.Close(); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	vol.mdMu.Unlock()
-	vol.retiredMu.Lock()
-	for _, d := range vol.retired {
-		d.Close()
-	}
-	vol.retiredMu.Unlock()
+	err = a.forgetVolume(vol)
 	a.log.Warn().Str("vu", name).Msg("aborted: the set needs a merge")
-	return errors.Join(errs...)
+	return err
 }
 
 // dismountMember removes one member from a mounted set. With a minicopy
