@@ -107,11 +107,9 @@ func (a *Agent) applyCluster(ev shadowset.Event, origin string, rd shadowset.Rea
 // remoteRemoved takes out of this host's VU a member another host
 // removed or expelled (that host wrote the metadata).
 func (a *Agent) remoteRemoved(set, path string) {
-	a.mu.Lock()
-	vol := a.sets[set]
-	a.mu.Unlock()
-	if vol == nil {
-		return
+	vol, err := a.volume(set)
+	if err != nil {
+		return // not mounted here
 	}
 	vol.mdMu.Lock()
 	m, ok := vol.members[path]
@@ -130,11 +128,9 @@ func (a *Agent) remoteRemoved(set, path string) {
 // remoteAdded opens a member another host added, so that this host's
 // writes reach it before its copy starts.
 func (a *Agent) remoteAdded(set, path string) {
-	a.mu.Lock()
-	vol := a.sets[set]
-	a.mu.Unlock()
-	if vol == nil {
-		return
+	vol, err := a.volume(set)
+	if err != nil {
+		return // not mounted here
 	}
 	vol.mdMu.Lock()
 	_, dup := vol.members[path]
