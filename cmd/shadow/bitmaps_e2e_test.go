@@ -6,7 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/shadow-project/shadow/cmd/internal/agent"
+	"github.com/shadow-project/shadow/cmd/internal/report"
 )
 
 // nbdWriteChunks writes 4 KiB of random data into each of the given
@@ -31,7 +31,7 @@ func spread(n, of int) []int {
 	return out
 }
 
-func lastDone(t *testing.T, h *host) agent.OpWorkShow {
+func lastDone(t *testing.T, h *host) report.OpWorkShow {
 	t.Helper()
 	r := h.show()
 	c := r.Sets[0].Completed

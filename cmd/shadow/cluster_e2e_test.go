@@ -24,6 +24,8 @@ import (
 	"time"
 
 	"github.com/shadow-project/shadow/cmd/internal/agent"
+	"github.com/shadow-project/shadow/cmd/internal/control"
+	"github.com/shadow-project/shadow/cmd/internal/report"
 	"github.com/shadow-project/shadow/shadowset"
 )
 
@@ -192,9 +194,9 @@ func waitFor(t *testing.T, within time.Duration, what string, cond func() (bool,
 }
 
 // tryShow asks a host for show --json without failing the test.
-func (n *cnode) tryShow() (agent.ShowReport, error) {
-	var r agent.ShowReport
-	err := (&agent.Client{Path: n.sock, Timeout: 5 * time.Second}).Call("show", agent.ShowArgs{}, &r)
+func (n *cnode) tryShow() (report.ShowReport, error) {
+	var r report.ShowReport
+	err := (&control.Client{Path: n.sock, Timeout: 5 * time.Second}).Call("show", agent.ShowArgs{}, &r)
 	return r, err
 }
 
@@ -253,13 +255,13 @@ func mountArgs(set string, members []string) []string {
 }
 
 // setOf returns a host's view of a set.
-func setOf(r agent.ShowReport, set string) (agent.SetShow, bool) {
+func setOf(r report.ShowReport, set string) (report.SetShow, bool) {
 	for _, s := range r.Sets {
 		if s.Name == set {
 			return s, true
 		}
 	}
-	return agent.SetShow{}, false
+	return report.SetShow{}, false
 }
 
 // waitIdleEverywhere waits until every live host that mounts the set sees
@@ -546,19 +548,19 @@ func (c *testCluster) randomFile(name string, size int64) string {
 
 // opOf returns the set's op with the given id, or the first op of the
 // given kind when id is 0.
-func opOf(s agent.SetShow, id uint64, kind string) (agent.OpShow, bool) {
+func opOf(s report.SetShow, id uint64, kind string) (report.OpShow, bool) {
 	for _, op := range s.Ops {
 		if (id != 0 && op.ID == id) || (id == 0 && op.Kind == kind) {
 			return op, true
 		}
 	}
-	return agent.OpShow{}, false
+	return report.OpShow{}, false
 }
 
 // waitRunning waits until nd sees an op of kind running and returns it.
-func waitRunning(t *testing.T, nd *cnode, set, kind string, within time.Duration) agent.OpShow {
+func waitRunning(t *testing.T, nd *cnode, set, kind string, within time.Duration) report.OpShow {
 	t.Helper()
-	var got agent.OpShow
+	var got report.OpShow
 	waitFor(t, within, fmt.Sprintf("a running %s of %s as %s sees it", kind, set, nd.name), func() (bool, string) {
 		r, err := nd.tryShow()
 		if err != nil {
@@ -760,13 +762,13 @@ func (c *testCluster) startTogether(nodes []*cnode) {
 }
 
 // failedHosts lists the hosts a host's show marks failed.
-func failedHosts(r agent.ShowReport) []string {
+func failedHosts(r report.ShowReport) []string {
 	return hostsNot(r, "up", "left")
 }
 
 // hostsNot lists the hosts (host=state) of a host's show whose state is
 // none of the given ones.
-func hostsNot(r agent.ShowReport, states ...string) []string {
+func hostsNot(r report.ShowReport, states ...string) []string {
 	var out []string
 	if r.Cluster != nil {
 		for _, h := range r.Cluster.Hosts {
@@ -850,7 +852,7 @@ func TestClusterE2ECopyHostKilledContinues(t *testing.T) {
 			survivors := c.live()
 			// The op is canceled and waits for the delay; then it runs on
 			// a survivor.
-			var resumed agent.OpShow
+			var resumed report.OpShow
 			var after time.Duration
 			var states []string
 			waitFor(t, delay+30*time.Second, fmt.Sprintf("op%d running on a survivor", op.ID), func() (bool, string) {
@@ -998,7 +1000,7 @@ func TestClusterE2EGracefulStopContinuesMerge(t *testing.T) {
 			t.Logf("stopped %s (leader: %v) in %s with op%d's checkpoint at LBN %d of %d (%d%%); merge asked on %s, %s writes",
 				m.name, isLeader, time.Since(stopAt).Round(time.Millisecond), op.ID, last, total, last*100/total, asker.name, w.name)
 			survivors := c.live()
-			var resumed agent.OpShow
+			var resumed report.OpShow
 			var after time.Duration
 			waitFor(t, 30*time.Second, fmt.Sprintf("op%d running on a survivor", op.ID), func() (bool, string) {
 				r, err := survivors[0].tryShow()

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/shadow-project/shadow/cmd/internal/agent"
+	"github.com/shadow-project/shadow/cmd/internal/report"
 )
 
 // TestClusterE2EWriteLogs: a set with write logs mounted on three hosts,
@@ -56,7 +56,7 @@ func TestClusterE2EWriteLogs(t *testing.T) {
 			v.crash()
 			endGroup(vfio)
 			_ = bfio.Wait()
-			var first agent.OpShow
+			var first report.OpShow
 			waitFor(t, delay+30*time.Second, "a controller minimerge on a survivor", func() (bool, string) {
 				r, err := a.tryShow()
 				if err != nil {

@@ -20,7 +20,9 @@ import (
 	"time"
 
 	"github.com/shadow-project/shadow/cmd/internal/agent"
+	"github.com/shadow-project/shadow/cmd/internal/control"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/report"
 )
 
 var shadowBin string
@@ -144,7 +146,7 @@ func (h *host) start(extra ...string) {
 		h.t.Fatal(err)
 	}
 	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
-		if err := (&agent.Client{Path: h.sock, Timeout: time.Second}).Call("show", agent.ShowArgs{}, nil); err == nil {
+		if err := (&control.Client{Path: h.sock, Timeout: time.Second}).Call("show", agent.ShowArgs{}, nil); err == nil {
 			return
 		}
 	}
@@ -197,9 +199,9 @@ func (h *host) mustCLI(args ...string) string {
 	return out
 }
 
-func (h *host) show() agent.ShowReport {
+func (h *host) show() report.ShowReport {
 	h.t.Helper()
-	var r agent.ShowReport
+	var r report.ShowReport
 	if err := json.Unmarshal([]byte(h.mustCLI("show", "--json")), &r); err != nil {
 		h.t.Fatal(err)
 	}

@@ -23,7 +23,10 @@ import (
 
 	"github.com/shadow-project/shadow/cluster"
 	"github.com/shadow-project/shadow/cmd/internal/agent"
+	"github.com/shadow-project/shadow/cmd/internal/control"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/policy"
+	"github.com/shadow-project/shadow/cmd/internal/report"
 	"github.com/shadow-project/shadow/shadowset"
 	"github.com/shadow-project/shadow/shadowset/replay"
 )
@@ -38,8 +41,8 @@ func socketFlag() cli.Flag {
 		Value: filepath.Join(defaultRunDir(), "agent.sock")}
 }
 
-func client(cc *cli.Context) *agent.Client {
-	return &agent.Client{Path: cc.String("socket")}
+func client(cc *cli.Context) *control.Client {
+	return &control.Client{Path: cc.String("socket")}
 }
 
 // call sends one verb to the agent; a refusal exits 1 with the verb named.
@@ -288,7 +291,7 @@ func mountCommand() *cli.Command {
 				}
 				chunk = n
 			}
-			if _, err := agent.ParseMinicopyPolicy(cc.String("policy")); err != nil {
+			if _, err := policy.ParseMinicopyPolicy(cc.String("policy")); err != nil {
 				return cli.Exit("mount: --policy: "+err.Error(), 2)
 			}
 			members := absAll(cc.StringSlice("member"))
@@ -350,7 +353,7 @@ func dismountCommand() *cli.Command {
 			if cc.NArg() != 1 {
 				return cli.Exit("dismount: give one set name (DSAn)", 2)
 			}
-			if _, err := agent.ParseMinicopyPolicy(cc.String("policy")); err != nil {
+			if _, err := policy.ParseMinicopyPolicy(cc.String("policy")); err != nil {
 				return cli.Exit("dismount: --policy: "+err.Error(), 2)
 			}
 			if cc.String("policy") != "" && cc.String("member") == "" {
@@ -446,19 +449,19 @@ func showCommand() *cli.Command {
 				if !strings.EqualFold(p, "hbmm") {
 					return cli.Exit("show: --policy: only hbmm", 2)
 				}
-				var ps []agent.PolicyShow
+				var ps []report.PolicyShow
 				if err := call(cc, "policies", struct{}{}, &ps); err != nil {
 					return err
 				}
 				if cc.Bool("json") {
 					return json.NewEncoder(cc.App.Writer).Encode(ps)
 				}
-				fmt.Fprint(cc.App.Writer, agent.FormatPolicies(ps))
+				fmt.Fprint(cc.App.Writer, report.FormatPolicies(ps))
 				return nil
 			}
 			args := agent.ShowArgs{Set: cc.Args().First()}
 			for {
-				var r agent.ShowReport
+				var r report.ShowReport
 				if err := call(cc, "show", args, &r); err != nil {
 					return err
 				}
@@ -467,7 +470,7 @@ func showCommand() *cli.Command {
 						return err
 					}
 				} else {
-					fmt.Fprint(cc.App.Writer, agent.FormatShow(r, cc.Bool("full")))
+					fmt.Fprint(cc.App.Writer, report.FormatShow(r, cc.Bool("full")))
 				}
 				if !cc.Bool("watch") {
 					return nil
@@ -477,7 +480,7 @@ func showCommand() *cli.Command {
 					for _, op := range s.Ops {
 						active = true
 						if !cc.Bool("json") {
-							fmt.Fprintf(cc.App.Writer, "  %s %-10s %s %s\n", s.Name, op.Kind, op.State, agent.ProgressBar(op.ProgressPct, 40))
+							fmt.Fprintf(cc.App.Writer, "  %s %-10s %s %s\n", s.Name, op.Kind, op.State, report.ProgressBar(op.ProgressPct, 40))
 						}
 					}
 				}
@@ -555,7 +558,7 @@ func verifyCommand() *cli.Command {
 				return cli.Exit("verify: give one set name (DSAn)", 2)
 			}
 			var r agent.VerifyResult
-			c := &agent.Client{Path: cc.String("socket"), Timeout: cc.Duration("timeout")}
+			c := &control.Client{Path: cc.String("socket"), Timeout: cc.Duration("timeout")}
 			if err := c.Call("verify", agent.VerifyArgs{Set: cc.Args().First()}, &r); err != nil {
 				return cli.Exit("verify: "+err.Error(), 1)
 			}

@@ -21,8 +21,10 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/shadow-project/shadow/cluster"
+	"github.com/shadow-project/shadow/cmd/internal/control"
 	"github.com/shadow-project/shadow/cmd/internal/device"
 	"github.com/shadow-project/shadow/cmd/internal/nbd"
+	"github.com/shadow-project/shadow/cmd/internal/policy"
 	"github.com/shadow-project/shadow/shadowset"
 )
 
@@ -64,7 +66,7 @@ type Agent struct {
 	clog *cluster.Log
 	node *cluster.Node
 	nbd  *nbd.Server
-	api  *APIServer
+	api  *control.APIServer
 	lns  []net.Listener
 	ctx  context.Context
 	stop context.CancelFunc
@@ -74,7 +76,7 @@ type Agent struct {
 	runs map[shadowset.OpID]*run
 	wg   sync.WaitGroup
 
-	policies policyStore
+	policies policy.Store
 }
 
 // run is one engine goroutine executing an op.
@@ -129,7 +131,7 @@ func New(cfg Config) (*Agent, error) {
 			return nil, fmt.Errorf("agent: recovery delay: %w", err)
 		}
 	}
-	api, err := ListenAPI(cfg.Socket, a.handlers(), cfg.Logger)
+	api, err := control.ListenAPI(cfg.Socket, a.handlers(), cfg.Logger)
 	if err != nil {
 		a.closeListeners()
 		a.stopCluster(false)
@@ -143,7 +145,7 @@ func New(cfg Config) (*Agent, error) {
 
 func (a *Agent) listenNBD() error {
 	if a.cfg.NBDUnix != "" {
-		if err := removeStaleSocket(a.cfg.NBDUnix); err != nil {
+		if err := control.RemoveStaleSocket(a.cfg.NBDUnix); err != nil {
 			return err
 		}
 		ln, err := net.Listen("unix", a.cfg.NBDUnix)

@@ -12,6 +12,8 @@ import (
 
 	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/policy"
+	"github.com/shadow-project/shadow/cmd/internal/report"
 	"github.com/shadow-project/shadow/shadowset"
 )
 
@@ -41,8 +43,8 @@ func minicopySink(path string) string { return "minicopy " + path }
 // hbmmSetting is a set's HBMM state on this host.
 type hbmmSetting struct {
 	// own is the set's own policy; named the named policy assigned to it
-	// (PolicyNoDefault included); with neither, DEFAULT applies.
-	own   *HBMMPolicy
+	// (policy.PolicyNoDefault included); with neither, DEFAULT applies.
+	own   *policy.HBMMPolicy
 	named string
 	// enabled: the set is using HBMM (the hosts holding master bitmaps
 	// are the core's: SetView.HBMM).
@@ -62,29 +64,12 @@ type opWork struct {
 	ended time.Time // zero while running
 }
 
-// OpWorkShow is the work of a running or recently completed op.
-type OpWorkShow struct {
-	ID   uint64 `json:"id"`
-	Kind string `json:"kind"`
-	// BitmapChunks is how many chunks the op's bitmap holds (minimerge,
-	// controller minimerge, minicopy); 0 for full ops.
-	BitmapChunks uint64 `json:"bitmap_chunks"`
-	// ChunksDone is how many chunks the op has merged or copied (of
-	// ChunkBytes each; full ops count 1 MiB steps).
-	ChunksDone uint64 `json:"chunks_done"`
-	ChunkBytes int64  `json:"chunk_bytes"`
-	BytesDone  int64  `json:"bytes_done"`
-	// ElapsedMS is the engine's running time (this run of the op), in
-	// milliseconds: recovery delays are not in it.
-	ElapsedMS int64 `json:"elapsed_ms"`
-}
-
-func (w *opWork) show() OpWorkShow {
+func (w *opWork) show() report.OpWorkShow {
 	end := w.ended
 	if end.IsZero() {
 		end = time.Now()
 	}
-	return OpWorkShow{ID: uint64(w.id), Kind: w.kind.String(), BitmapChunks: w.total, ChunksDone: w.done.Load(),
+	return report.OpWorkShow{ID: uint64(w.id), Kind: w.kind.String(), BitmapChunks: w.total, ChunksDone: w.done.Load(),
 		ChunkBytes: w.chunk, BytesDone: w.bytes.Load(), ElapsedMS: end.Sub(w.began).Milliseconds()}
 }
 
@@ -98,7 +83,7 @@ type bitmaps struct {
 	hbmm      hbmmSetting
 	minicopy  map[string]*minicopyBitmap // by member path
 	work      map[shadowset.OpID]*opWork
-	completed []OpWorkShow // most recent last
+	completed []report.OpWorkShow // most recent last
 	// logged is the union of the members' write logs found at mount.
 	logged *bitmap.Bitmap
 }
@@ -218,80 +203,23 @@ func nextChunk(bm *bitmap.Bitmap) func(off int64) (int64, bool) {
 
 // ---- policies
 
-// policyStore holds the named HBMM policies (clusterwide in OpenVMS; this
-// host's for now).
-type policyStore struct {
-	mu    sync.Mutex
-	named map[string]HBMMPolicy
-}
-
-func (s *policyStore) get(name string) (HBMMPolicy, bool) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	p, ok := s.named[strings.ToUpper(name)]
-	return p, ok
-}
-
-func (s *policyStore) define(name string, p HBMMPolicy) error {
-	name = strings.ToUpper(name)
-	if err := validPolicyName(name); err != nil {
-		return err
-	}
-	if name == PolicyNoDefault {
-		return fmt.Errorf("%w: NODEFAULT is reserved: it means a set uses no HBMM", ErrPolicy)
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.named == nil {
-		s.named = map[string]HBMMPolicy{}
-	}
-	if _, ok := s.named[name]; !ok && len(s.named) >= maxNamedPolicies {
-		return fmt.Errorf("%w: already %d named policies", ErrPolicy, maxNamedPolicies)
-	}
-	p.Name = name
-	s.named[name] = p
-	return nil
-}
-
-func (s *policyStore) remove(name string) error {
-	name = strings.ToUpper(name)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if _, ok := s.named[name]; !ok {
-		return fmt.Errorf("%w: no policy named %s", ErrPolicy, name)
-	}
-	delete(s.named, name)
-	return nil
-}
-
-func (s *policyStore) list() []HBMMPolicy {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	out := make([]HBMMPolicy, 0, len(s.named))
-	for _, p := range s.named {
-		out = append(out, p)
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
-	return out
-}
-
 // effectivePolicy is the policy a set would use, and why not if none.
-func (a *Agent) effectivePolicy(h hbmmSetting) (HBMMPolicy, error) {
+func (a *Agent) effectivePolicy(h hbmmSetting) (policy.HBMMPolicy, error) {
 	switch {
 	case h.own != nil:
 		return *h.own, nil
-	case h.named == PolicyNoDefault:
-		return HBMMPolicy{}, fmt.Errorf("%w: the set's policy is NODEFAULT: it uses no HBMM", ErrPolicy)
+	case h.named == policy.PolicyNoDefault:
+		return policy.HBMMPolicy{}, fmt.Errorf("%w: the set's policy is NODEFAULT: it uses no HBMM", policy.ErrPolicy)
 	case h.named != "":
-		p, ok := a.policies.get(h.named)
+		p, ok := a.policies.Get(h.named)
 		if !ok {
-			return HBMMPolicy{}, fmt.Errorf("%w: the set's policy %s no longer exists", ErrPolicy, h.named)
+			return policy.HBMMPolicy{}, fmt.Errorf("%w: the set's policy %s no longer exists", policy.ErrPolicy, h.named)
 		}
 		return p, nil
 	}
-	p, ok := a.policies.get(PolicyDefault)
+	p, ok := a.policies.Get(policy.PolicyDefault)
 	if !ok {
-		return HBMMPolicy{}, fmt.Errorf("%w: the set has no HBMM policy and none is named DEFAULT (give --policy hbmm=(master_list=(...)))", ErrPolicy)
+		return policy.HBMMPolicy{}, fmt.Errorf("%w: the set has no HBMM policy and none is named DEFAULT (give --policy hbmm=(master_list=(...)))", policy.ErrPolicy)
 	}
 	return p, nil
 }
@@ -304,7 +232,7 @@ func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
 	var masters []string
 	if h.enabled {
 		if vol.writeLog {
-			return fmt.Errorf("%w: %s uses write logs; a set uses HBMM or write logs, not both", ErrPolicy, vol.name)
+			return fmt.Errorf("%w: %s uses write logs; a set uses HBMM or write logs, not both", policy.ErrPolicy, vol.name)
 		}
 		p, err := a.effectivePolicy(h)
 		if err != nil {
@@ -355,10 +283,10 @@ func (vol *volume) quiesce(fn func()) {
 
 // policyVerb handles set's HBMM qualifiers.
 func (a *Agent) policyVerb(args SetArgs) error {
-	var ref PolicyRef
+	var ref policy.PolicyRef
 	if args.Policy != "" {
 		var err error
-		if ref, err = ParseHBMMPolicy(args.Policy); err != nil {
+		if ref, err = policy.ParseHBMMPolicy(args.Policy); err != nil {
 			return err
 		}
 	}
@@ -366,13 +294,13 @@ func (a *Agent) policyVerb(args SetArgs) error {
 		// Named policies: define or delete.
 		switch {
 		case args.Name == "":
-			return fmt.Errorf("%w: without a set, --policy and --delete need --name", ErrPolicy)
+			return fmt.Errorf("%w: without a set, --policy and --delete need --name", policy.ErrPolicy)
 		case args.Delete:
-			return a.policies.remove(args.Name)
+			return a.policies.Remove(args.Name)
 		case ref.Policy == nil:
-			return fmt.Errorf("%w: --name %s needs --policy hbmm=(master_list=(...),...)", ErrPolicy, args.Name)
+			return fmt.Errorf("%w: --name %s needs --policy hbmm=(master_list=(...),...)", policy.ErrPolicy, args.Name)
 		}
-		return a.policies.define(args.Name, *ref.Policy)
+		return a.policies.Define(args.Name, *ref.Policy)
 	}
 	vol, err := a.volume(args.Set)
 	if err != nil {
@@ -383,19 +311,19 @@ func (a *Agent) policyVerb(args SetArgs) error {
 	vol.bm.mu.Unlock()
 	switch {
 	case args.Name != "":
-		return fmt.Errorf("%w: --name defines a named policy: give no set (and assign it with --policy hbmm=%s)", ErrPolicy, args.Name)
+		return fmt.Errorf("%w: --name defines a named policy: give no set (and assign it with --policy hbmm=%s)", policy.ErrPolicy, args.Name)
 	case args.Delete:
 		h.own, h.named = nil, ""
 	case ref.Policy != nil:
 		h.own, h.named = ref.Policy, ""
 	case ref.Name != "":
-		if ref.Name != PolicyNoDefault {
-			if _, ok := a.policies.get(ref.Name); !ok {
-				return fmt.Errorf("%w: no policy named %s", ErrPolicy, ref.Name)
+		if ref.Name != policy.PolicyNoDefault {
+			if _, ok := a.policies.Get(ref.Name); !ok {
+				return fmt.Errorf("%w: no policy named %s", policy.ErrPolicy, ref.Name)
 			}
 		}
 		h.own, h.named = nil, ref.Name
-		if ref.Name == PolicyNoDefault {
+		if ref.Name == policy.PolicyNoDefault {
 			h.enabled = false
 		}
 	}
@@ -408,7 +336,7 @@ func (a *Agent) policyVerb(args SetArgs) error {
 		case "hbmm":
 			h.enabled = q.enabled
 		default:
-			return fmt.Errorf("%w: --%s %q: only hbmm", ErrPolicy, q.flag, q.value)
+			return fmt.Errorf("%w: --%s %q: only hbmm", policy.ErrPolicy, q.flag, q.value)
 		}
 	}
 	return a.applyHBMM(vol, h)
@@ -473,30 +401,30 @@ func (vol *volume) loggedChunks() *bitmap.Bitmap {
 }
 
 // showBitmaps fills a set's bitmap fields for show.
-func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *SetShow) {
+func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *report.SetShow) {
 	bm := vol.bm
 	s.ChunkBytes, s.WriteLog = bm.chunkSize, vol.writeLog
 	bm.mu.Lock()
 	h := bm.hbmm
-	s.Minicopy = []MinicopyShow{}
+	s.Minicopy = []report.MinicopyShow{}
 	for _, p := range sortedKeys(bm.minicopy) {
 		mc := bm.minicopy[p]
-		s.Minicopy = append(s.Minicopy, MinicopyShow{Member: p, Chunks: mc.bm.Count(), Automatic: mc.automatic})
+		s.Minicopy = append(s.Minicopy, report.MinicopyShow{Member: p, Chunks: mc.bm.Count(), Automatic: mc.automatic})
 	}
-	s.Work = []OpWorkShow{}
+	s.Work = []report.OpWorkShow{}
 	for _, w := range bm.work {
 		s.Work = append(s.Work, w.show())
 	}
 	s.Completed = slices.Clone(bm.completed)
 	if s.Completed == nil {
-		s.Completed = []OpWorkShow{}
+		s.Completed = []report.OpWorkShow{}
 	}
 	bm.mu.Unlock()
 	sort.Slice(s.Work, func(i, j int) bool { return s.Work[i].ID < s.Work[j].ID })
 	if !h.enabled && h.own == nil && h.named == "" {
 		return
 	}
-	hs := &HBMMShow{Enabled: h.enabled, ActiveOn: append([]string{}, sv.HBMM...), Resets: h.resets}
+	hs := &report.HBMMShow{Enabled: h.enabled, ActiveOn: append([]string{}, sv.HBMM...), Resets: h.resets}
 	if p, err := a.effectivePolicy(h); err == nil {
 		hs.Policy, hs.PolicyText, hs.ResetThreshold = p.Name, p.String(), p.ResetThreshold
 	} else if h.named != "" {
@@ -508,10 +436,10 @@ func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *SetShow) {
 }
 
 // Policies lists the named HBMM policies.
-func (a *Agent) Policies() []PolicyShow {
-	out := []PolicyShow{}
-	for _, p := range a.policies.list() {
-		out = append(out, PolicyShow{Name: p.Name, Policy: p.String()})
+func (a *Agent) Policies() []report.PolicyShow {
+	out := []report.PolicyShow{}
+	for _, p := range a.policies.List() {
+		out = append(out, report.PolicyShow{Name: p.Name, Policy: p.String()})
 	}
 	return out
 }

@@ -14,7 +14,9 @@ import (
 
 	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/cmd/internal/device"
+	"github.com/shadow-project/shadow/cmd/internal/memberlog"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/report"
 )
 
 // twoMemberSet mounts DSA1 on two fresh members and waits for its copy.
@@ -76,7 +78,7 @@ func sameMembers(t *testing.T, a *Agent, msg string, m1, m2 string) {
 
 // minicopyBack mounts member back into DSA1, which must bring it back by
 // minicopy, waits for the copy and returns what it did.
-func minicopyBack(t *testing.T, a *Agent, member string) OpWorkShow {
+func minicopyBack(t *testing.T, a *Agent, member string) report.OpWorkShow {
 	t.Helper()
 	res, err := a.Mount(MountArgs{Set: "DSA1", Members: []string{member}, Policy: "minicopy"})
 	if err != nil {
@@ -93,7 +95,7 @@ func minicopyBack(t *testing.T, a *Agent, member string) OpWorkShow {
 	return w
 }
 
-func lastCompleted(t *testing.T, a *Agent) OpWorkShow {
+func lastCompleted(t *testing.T, a *Agent) report.OpWorkShow {
 	t.Helper()
 	r, err := a.Show("DSA1")
 	if err != nil {
@@ -182,8 +184,8 @@ func TestDemandMergeIsAMinimergeOfTheBitmap(t *testing.T) {
 	if h == nil || !h.Enabled || h.ModifiedChunks != 20 || h.ModifiedBlocks != uint64(20*bitmap.DefaultChunkSize/512) || len(h.ActiveOn) != 1 {
 		t.Fatalf("hbmm show %+v", h)
 	}
-	if !strings.Contains(FormatShow(r, false), "Modified blocks since bitmap creation: 2560") {
-		t.Fatalf("show lacks the modified count:\n%s", FormatShow(r, false))
+	if !strings.Contains(report.FormatShow(r, false), "Modified blocks since bitmap creation: 2560") {
+		t.Fatalf("show lacks the modified count:\n%s", report.FormatShow(r, false))
 	}
 	if err := a.setVerb(SetArgs{Set: "DSA1", DemandMerge: true}); err != nil {
 		t.Fatal(err)
@@ -439,7 +441,7 @@ func TestLoggedDeviceQuickWrites(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ld, err := attachLog(dev, testData, false, &logState{})
+	ld, err := memberlog.Attach(dev, testData, false, &memberlog.State{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -461,7 +463,7 @@ func TestLoggedDeviceQuickWrites(t *testing.T) {
 	if !ld.TryReadAt(got, 8192) || !bytes.Equal(got, data) {
 		t.Fatal("TryReadAt after the quick write")
 	}
-	if s := ld.log.Stats(); s.Set != 1 || s.Misses != 1 {
+	if s := ld.Log().Stats(); s.Set != 1 || s.Misses != 1 {
 		t.Fatalf("log stats %+v: the quick write should have found its extent set", s)
 	}
 }

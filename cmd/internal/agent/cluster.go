@@ -15,6 +15,7 @@ import (
 	"github.com/shadow-project/shadow/cmd/internal/device"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/nbd"
+	"github.com/shadow-project/shadow/cmd/internal/report"
 	"github.com/shadow-project/shadow/cmd/internal/vu"
 	"github.com/shadow-project/shadow/shadowset"
 )
@@ -432,30 +433,11 @@ func (a *Agent) mountedElsewhere(set string) bool {
 	return slices.ContainsFunc(sv.Mounted, func(h string) bool { return h != a.host })
 }
 
-// ClusterShow is the cluster part of show.
-type ClusterShow struct {
-	Leader  string           `json:"leader"`
-	Hosts   []HostShow       `json:"hosts"`
-	Servers []cluster.Server `json:"raft_servers"`
-	// Warnings: e.g. the cluster could not survive the loss of one host.
-	Warnings []string `json:"warnings,omitempty"`
-}
-
-// HostShow is one host in the cluster view.
-type HostShow struct {
-	Host    string `json:"host"`
-	State   string `json:"state"` // up, failed, left (stopped cleanly)
-	Gossip  bool   `json:"gossip"`
-	Witness bool   `json:"witness,omitempty"`
-	Leader  bool   `json:"leader,omitempty"`
-	Voter   bool   `json:"voter,omitempty"`
-}
-
-func (a *Agent) clusterShow() *ClusterShow {
+func (a *Agent) clusterShow() *report.ClusterShow {
 	if a.node == nil {
 		return nil
 	}
-	cs := &ClusterShow{Leader: a.node.Leader(), Servers: a.node.Servers()}
+	cs := &report.ClusterShow{Leader: a.node.Leader(), Servers: a.node.Servers()}
 	alive := a.node.Alive()
 	var hosts []shadowset.HostView
 	a.elog.View(func(c *shadowset.Core) { hosts = c.Hosts() })
@@ -472,12 +454,12 @@ func (a *Agent) clusterShow() *ClusterShow {
 		case h.Alive:
 			st = "up"
 		}
-		cs.Hosts = append(cs.Hosts, HostShow{Host: h.Name, State: st, Gossip: g, Leader: h.Name == cs.Leader, Voter: voter(h.Name)})
+		cs.Hosts = append(cs.Hosts, report.HostShow{Host: h.Name, State: st, Gossip: g, Leader: h.Name == cs.Leader, Voter: voter(h.Name)})
 		seen[h.Name] = true
 	}
 	for _, p := range alive {
 		if !seen[p.Host] {
-			cs.Hosts = append(cs.Hosts, HostShow{Host: p.Host, State: "up", Gossip: true, Witness: p.Witness, Leader: p.Host == cs.Leader, Voter: voter(p.Host)})
+			cs.Hosts = append(cs.Hosts, report.HostShow{Host: p.Host, State: "up", Gossip: true, Witness: p.Witness, Leader: p.Host == cs.Leader, Voter: voter(p.Host)})
 		}
 	}
 	voters, up := 0, 0

@@ -9,7 +9,10 @@ import (
 	"slices"
 	"time"
 
+	"github.com/shadow-project/shadow/cmd/internal/control"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/policy"
+	"github.com/shadow-project/shadow/cmd/internal/report"
 	"github.com/shadow-project/shadow/cmd/internal/vu"
 	"github.com/shadow-project/shadow/shadowset"
 )
@@ -62,7 +65,7 @@ func (s SetArgs) isPolicy() bool {
 func (s SetArgs) Check(names int) error {
 	if s.isPolicy() {
 		if s.DemandMerge || s.Priority != nil || s.ReadCost != nil || s.CopySource != "" || s.ForceRemoval != "" {
-			return fmt.Errorf("%w: HBMM qualifiers (--policy, --name, --delete, --enable, --disable) cannot be mixed with others", ErrPolicy)
+			return fmt.Errorf("%w: HBMM qualifiers (--policy, --name, --delete, --enable, --disable) cannot be mixed with others", policy.ErrPolicy)
 		}
 		if names > 1 {
 			return errors.New("give at most one set name (DSAn)")
@@ -71,7 +74,7 @@ func (s SetArgs) Check(names int) error {
 			return errors.New("give a set name (DSAn), or --name to define a named policy")
 		}
 		if s.Policy != "" {
-			if _, err := ParseHBMMPolicy(s.Policy); err != nil {
+			if _, err := policy.ParseHBMMPolicy(s.Policy); err != nil {
 				return err
 			}
 		}
@@ -115,8 +118,8 @@ func decode[T any](raw json.RawMessage) (T, error) {
 	return v, nil
 }
 
-func (a *Agent) handlers() map[string]Handler {
-	return map[string]Handler{
+func (a *Agent) handlers() map[string]control.Handler {
+	return map[string]control.Handler{
 		"mount": func(_ context.Context, raw json.RawMessage) (any, error) {
 			args, err := decode[MountArgs](raw)
 			if err != nil {
@@ -253,8 +256,8 @@ func (a *Agent) abortSet(name string) error {
 // come back by minicopy; OpenVMS refuses one (or, with =optional, goes on
 // without) when the bitmap could not be trusted: the set owes a merge, or
 // the member is not a full member.
-func (a *Agent) dismountMember(name, path, policy string) error {
-	mc, err := ParseMinicopyPolicy(policy)
+func (a *Agent) dismountMember(name, path, policyText string) error {
+	mc, err := policy.ParseMinicopyPolicy(policyText)
 	if err != nil {
 		return err
 	}
@@ -272,7 +275,7 @@ func (a *Agent) dismountMember(name, path, policy string) error {
 	if !ok {
 		return fmt.Errorf("%s is not a member of %s", path, name)
 	}
-	keep := mc != NoMinicopy
+	keep := mc != policy.NoMinicopy
 	if keep {
 		why := ""
 		if a.clustered() && a.mountedElsewhere(name) {
@@ -287,7 +290,7 @@ func (a *Agent) dismountMember(name, path, policy string) error {
 			}
 		}
 		if why != "" {
-			if mc == MinicopyRequired {
+			if mc == policy.MinicopyRequired {
 				return fmt.Errorf("dismount %s --member %s --policy minicopy: no minicopy bitmap can start: %s (use --policy minicopy=optional to remove it without one)", name, path, why)
 			}
 			a.log.Warn().Str("vu", name).Str("member", path).Str("why", why).Msg("member removed without a minicopy bitmap")
@@ -400,8 +403,8 @@ func (a *Agent) setVerb(args SetArgs) error {
 }
 
 // Show builds the report for one set, or all.
-func (a *Agent) Show(set string) (ShowReport, error) {
-	r := ShowReport{Host: a.host, Sets: []SetShow{}, Cluster: a.clusterShow()}
+func (a *Agent) Show(set string) (report.ShowReport, error) {
+	r := report.ShowReport{Host: a.host, Sets: []report.SetShow{}, Cluster: a.clusterShow()}
 	a.elog.View(func(c *shadowset.Core) {
 		if open, end := c.Window(); open {
 			left := (end - c.Now()).Milliseconds()
@@ -426,12 +429,12 @@ func (a *Agent) Show(set string) (ShowReport, error) {
 		}
 		var prio int
 		a.elog.View(func(c *shadowset.Core) { prio = c.Priority(a.host, name) })
-		s := SetShow{Name: name, SizeBytes: vol.size, NBDURI: a.URI(name), Mounted: sv.Mounted, Priority: prio, Members: []MemberShow{}, Ops: []OpShow{}}
+		s := report.SetShow{Name: name, SizeBytes: vol.size, NBDURI: a.URI(name), Mounted: sv.Mounted, Priority: prio, Members: []report.MemberShow{}, Ops: []report.OpShow{}}
 		master := a.masterFor(vol)
 		mergePct := -1
 		copyPct := map[string]int{}
 		for _, op := range sv.Ops {
-			o := OpShow{ID: uint64(op.ID), Kind: op.Kind.String(), State: op.State.String(), Host: op.Host, LBN: op.LBN, Target: op.Target, ProgressPct: pct(op.LBN, vol.size), History: []string{}}
+			o := report.OpShow{ID: uint64(op.ID), Kind: op.Kind.String(), State: op.State.String(), Host: op.Host, LBN: op.LBN, Target: op.Target, ProgressPct: report.Pct(op.LBN, vol.size), History: []string{}}
 			for _, w := range op.History {
 				o.History = append(o.History, w.String())
 			}
@@ -443,7 +446,7 @@ func (a *Agent) Show(set string) (ShowReport, error) {
 			}
 		}
 		for _, m := range vol.vu.Members() {
-			ms := MemberShow{Path: m.Path, Role: m.Role.String(), ReadCost: m.ReadCost, ProgressPct: -1, Master: m.Path == master}
+			ms := report.MemberShow{Path: m.Path, Role: m.Role.String(), ReadCost: m.ReadCost, ProgressPct: -1, Master: m.Path == master}
 			if p, ok := copyPct[m.Path]; ok {
 				ms.ProgressPct = p
 			} else if ms.Master {
@@ -452,7 +455,7 @@ func (a *Agent) Show(set string) (ShowReport, error) {
 			s.Members = append(s.Members, ms)
 		}
 		a.showBitmaps(vol, sv, &s)
-		s.State = vuState(s)
+		s.State = report.VUState(s)
 		r.Sets = append(r.Sets, s)
 	}
 	return r, nil

@@ -2,14 +2,13 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
 	"github.com/shadow-project/shadow/bitmap"
-	"github.com/shadow-project/shadow/bitmap/wlog"
 	"github.com/shadow-project/shadow/cluster"
 	"github.com/shadow-project/shadow/cmd/internal/device"
+	"github.com/shadow-project/shadow/cmd/internal/memberlog"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/vu"
 	"github.com/shadow-project/shadow/shadowset"
@@ -19,7 +18,7 @@ import (
 // a cluster holds, the write-log region of every member is split into
 // cluster.WriteLogSlots slots, and each host that mounts the set logs its
 // own writes in its own slot, taken through the log (ClaimSlot). The
-// member's metadata records the whole region with logFlagHostSlots.
+// member's metadata records the whole region with memberlog.FlagHostSlots.
 //
 //   - A host formats its slot empty when it takes it, and again, after a
 //     flush, when it dismounts cleanly; then it frees it.
@@ -35,102 +34,6 @@ import (
 //   - A set last written by a single-host agent (one log over the whole
 //     region) found dirty by a cluster gets a full merge: its log is not
 //     in slots.
-
-// logFlagHostSlots marks, in meta.WriteLog.Flags, a region split into
-// host slots.
-const logFlagHostSlots = 1 << 16
-
-// hostSlotRegion is slot k of a member's write-log region.
-func hostSlotRegion(dev device.Device, k int) (wlog.Region, error) {
-	r, err := logRegion(dev)
-	if err != nil {
-		return wlog.Region{}, err
-	}
-	sub := (r.Length / cluster.WriteLogSlots) &^ (wlog.BlockSize - 1)
-	return wlog.Region{Offset: r.Offset + int64(k)*sub, Length: sub}, nil
-}
-
-// attachHostLog formats this host's slot k on dev and puts dev's writes
-// through it.
-func attachHostLog(dev device.Device, size int64, k int) (*loggedDevice, error) {
-	sdev, ok := dev.(syncDevice)
-	if !ok {
-		return nil, fmt.Errorf("%s cannot keep a write log (no range-limited synchronous write)", dev.Path())
-	}
-	region, err := hostSlotRegion(dev, k)
-	if err != nil {
-		return nil, err
-	}
-	l, err := wlog.Format(sdev, region, size, 0)
-	if err != nil {
-		return nil, fmt.Errorf("format write-log slot %d of %s: %w", k, dev.Path(), err)
-	}
-	return &loggedDevice{Device: dev, log: l, size: size, region: region, hostSlots: true, hostSlot: k}, nil
-}
-
-// readHostLogs adds to into the extents logged in the given slots of
-// every device; lost lists what could not be read (torn, corrupt,
-// unreadable): only a full merge is safe then. A blank slot logged
-// nothing.
-func readHostLogs(devs []device.Device, size int64, slots []int, into *bitmap.Bitmap) (lost []string) {
-	for _, dev := range devs {
-		sdev, ok := underlying(dev).(syncDevice)
-		if !ok {
-			lost = append(lost, dev.Path()+": no write log")
-			continue
-		}
-		for _, k := range slots {
-			region, err := hostSlotRegion(dev, k)
-			if err != nil {
-				lost = append(lost, fmt.Sprintf("%s slot %d: %v", dev.Path(), k, err))
-				continue
-			}
-			got, err := wlog.Load(sdev, region, size)
-			switch {
-			case errors.Is(err, wlog.ErrBlank):
-			case err != nil:
-				lost = append(lost, fmt.Sprintf("%s slot %d: %v", dev.Path(), k, err))
-			default:
-				for off, n := range got.Ranges() {
-					into.AddRange(off, n)
-				}
-			}
-		}
-	}
-	return lost
-}
-
-// formatHostLogs empties the given slots on every device.
-func formatHostLogs(devs []device.Device, size int64, slots []int) error {
-	var errs []error
-	for _, dev := range devs {
-		sdev, ok := underlying(dev).(syncDevice)
-		if !ok {
-			continue
-		}
-		for _, k := range slots {
-			region, err := hostSlotRegion(dev, k)
-			if err == nil {
-				var l *wlog.Log
-				if l, err = wlog.Format(sdev, region, size, 0); err == nil {
-					err = l.Close()
-				}
-			}
-			if err != nil {
-				errs = append(errs, fmt.Errorf("empty write-log slot %d of %s: %w", k, dev.Path(), err))
-			}
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// underlying is the member below its write-log wrapper.
-func underlying(dev device.Device) device.Device {
-	if ld, ok := dev.(*loggedDevice); ok {
-		return ld.Device
-	}
-	return dev
-}
 
 // orphanSlots are the write-log slots whose owner no longer mounts the
 // set: what they logged may differ between members.
@@ -186,7 +89,7 @@ func (a *Agent) clusterLogBitmap(vol *volume, act shadowset.Action) (*bitmap.Bit
 		}
 	}
 	slots := a.orphanSlots(act.Set, true)
-	if lost := readHostLogs(vol.fullDevices(), vol.size, slots, b); len(lost) > 0 {
+	if lost := memberlog.ReadSlots(vol.fullDevices(), vol.size, slots, b); len(lost) > 0 {
 		a.log.Warn().Str("vu", act.Set).Strs("lost", lost).Msg("write logs unreadable: the merge covers the whole volume")
 		return nil, slots, false
 	}
@@ -212,7 +115,7 @@ func (a *Agent) releaseMergedSlots(vol *volume, slots []int) {
 				mine = append(mine, k)
 			}
 		}
-		if err := formatHostLogs(vol.fullDevices(), vol.size, mine); err != nil {
+		if err := memberlog.FormatSlots(vol.fullDevices(), vol.size, mine); err != nil {
 			a.log.Error().Str("vu", vol.name).Err(err).Msg("cannot empty the merged write-log slots: they stay taken, and the next merge covers them again")
 			return
 		}
@@ -243,9 +146,13 @@ func (a *Agent) releaseOwnSlot(vol *volume) {
 	vol.mdMu.Lock()
 	var devs []device.Device
 	for _, m := range vol.members {
-		if ld, ok := m.dev.(*loggedDevice); ok && ld.hostSlots {
-			k = ld.hostSlot
-			_ = ld.log.Close()
+		ld, ok := m.dev.(*memberlog.Device)
+		if !ok {
+			continue
+		}
+		if slot, ok := ld.HostSlot(); ok {
+			k = slot
+			_ = ld.Log().Close()
 			devs = append(devs, ld.Device)
 		}
 	}
@@ -253,7 +160,7 @@ func (a *Agent) releaseOwnSlot(vol *volume) {
 	if k < 0 {
 		return
 	}
-	if err := formatHostLogs(devs, vol.size, []int{k}); err != nil {
+	if err := memberlog.FormatSlots(devs, vol.size, []int{k}); err != nil {
 		a.log.Warn().Str("vu", vol.name).Err(err).Msg("cannot empty this host's write-log slot: the next merge covers it")
 		return
 	}
@@ -268,10 +175,10 @@ func (a *Agent) releaseOwnSlot(vol *volume) {
 // first host to mount it: read what every slot logged (when the set was
 // found dirty: nobody mounts it, so every slot is orphaned), take a slot,
 // and put every member's writes through it.
-func (a *Agent) attachClusterLogs(set string, probes []*probe, roles []role, wasDirty bool, md meta.Metadata, size int64, logs *logState) error {
+func (a *Agent) attachClusterLogs(set string, probes []*probe, roles []role, wasDirty bool, md meta.Metadata, size int64, logs *memberlog.State) error {
 	if wasDirty {
-		if md.WriteLog.Length != 0 && md.WriteLog.Flags&logFlagHostSlots == 0 {
-			logs.lost = append(logs.lost, "the set's write log was kept by a single-host agent, not in host slots")
+		if md.WriteLog.Length != 0 && md.WriteLog.Flags&memberlog.FlagHostSlots == 0 {
+			logs.Lost = append(logs.Lost, "the set's write log was kept by a single-host agent, not in host slots")
 		} else {
 			var fulls []device.Device
 			for i, p := range probes {
@@ -279,7 +186,7 @@ func (a *Agent) attachClusterLogs(set string, probes []*probe, roles []role, was
 					fulls = append(fulls, p.dev)
 				}
 			}
-			logs.lost = append(logs.lost, readHostLogs(fulls, size, allSlots(), logs.logged)...)
+			logs.Lost = append(logs.Lost, memberlog.ReadSlots(fulls, size, allSlots(), logs.Logged)...)
 		}
 	}
 	return a.attachOwnSlot(set, probes, size)
@@ -295,7 +202,7 @@ func (a *Agent) attachOwnSlot(set string, probes []*probe, size int64) error {
 		return fmt.Errorf("write log: %w", err)
 	}
 	for _, p := range probes {
-		ld, err := attachHostLog(p.dev, size, k)
+		ld, err := memberlog.AttachSlot(p.dev, size, k)
 		if err != nil {
 			a.freeOwnSlotAfterFailedMount(set)
 			return err

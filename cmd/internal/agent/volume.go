@@ -13,8 +13,10 @@ import (
 
 	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/cmd/internal/device"
+	"github.com/shadow-project/shadow/cmd/internal/memberlog"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/nbd"
+	"github.com/shadow-project/shadow/cmd/internal/policy"
 	"github.com/shadow-project/shadow/cmd/internal/vu"
 	"github.com/shadow-project/shadow/shadowset"
 )
@@ -383,9 +385,9 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		}
 	}
 
-	if mcPolicy, err := ParseMinicopyPolicy(args.Policy); err != nil {
+	if mcPolicy, err := policy.ParseMinicopyPolicy(args.Policy); err != nil {
 		return nil, err
-	} else if mcPolicy == MinicopyRequired && slices.ContainsFunc(roles, func(r role) bool { return r.copy }) {
+	} else if mcPolicy == policy.MinicopyRequired && slices.ContainsFunc(roles, func(r role) bool { return r.copy }) {
 		return nil, fmt.Errorf("mount %s --policy minicopy: the set is not mounted here, so no minicopy bitmap exists: a member would get a full copy (use --policy minicopy=optional)", args.Set)
 	}
 
@@ -423,9 +425,9 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 	// Write logs: asked for, or recorded by the set's last mount.
 	writeLog := args.WriteLog || md.WriteLog.Length != 0
 	wasUnderway := md.MergeUnderway
-	logs := logState{}
+	logs := memberlog.State{}
 	if writeLog && a.clustered() {
-		if logs.logged, err = bitmap.New(chunk); err != nil {
+		if logs.Logged, err = bitmap.New(chunk); err != nil {
 			return nil, err
 		}
 		if err := a.attachClusterLogs(args.Set, probes, roles, wasDirty, md, size, &logs); err != nil {
@@ -436,23 +438,23 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 				a.freeOwnSlotAfterFailedMount(args.Set)
 			}
 		}()
-		bms.logged = logs.logged
+		bms.logged = logs.Logged
 		// While the merge the logs call for is owed, a crash must make
 		// the next mount merge in full: this mount is about to reuse
 		// slots whose old content only this host's memory now holds.
 		md.MergeUnderway = wasDirty
 	} else if writeLog {
-		if logs.logged, err = bitmap.New(chunk); err != nil {
+		if logs.Logged, err = bitmap.New(chunk); err != nil {
 			return nil, err
 		}
 		for i, p := range probes {
-			ld, err := attachLog(p.dev, size, wasDirty && roles[i].full, &logs)
+			ld, err := memberlog.Attach(p.dev, size, wasDirty && roles[i].full, &logs)
 			if err != nil {
 				return nil, fmt.Errorf("mount %s: %w", args.Set, err)
 			}
 			p.dev = ld
 		}
-		bms.logged = logs.logged
+		bms.logged = logs.Logged
 	}
 	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{}, bm: bms, writeLog: writeLog, stamp: a.stamp,
 		stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{})}
@@ -486,10 +488,10 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 			spec.Dirty = false
 			ops = append(ops, &shadowset.OpSpec{Set: args.Set, Kind: shadowset.ControllerMinimerge})
 			res.Warnings = append(res.Warnings, "a merge was underway when the set went down: full merge")
-		case len(logs.lost) > 0:
+		case len(logs.Lost) > 0:
 			spec.Dirty = false
 			ops = append(ops, &shadowset.OpSpec{Set: args.Set, Kind: shadowset.FullMerge})
-			res.Warnings = append(res.Warnings, "write log unusable, full merge: "+strings.Join(logs.lost, "; "))
+			res.Warnings = append(res.Warnings, "write log unusable, full merge: "+strings.Join(logs.Lost, "; "))
 		}
 	}
 	for i, p := range probes {
@@ -578,7 +580,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		_ = a.dismountSet(args.Set)
 		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
 	}
-	if _, ok := a.policies.get(PolicyDefault); ok && !vol.writeLog {
+	if _, ok := a.policies.Get(policy.PolicyDefault); ok && !vol.writeLog {
 		// OpenVMS applies the policy named DEFAULT to a set mounted
 		// without one.
 		if err := a.applyHBMM(vol, hbmmSetting{enabled: true}); err != nil {
@@ -626,7 +628,7 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 		return nil, err
 	}
 	if vol.writeLog && p.data >= vol.size {
-		ld, err := attachLog(p.dev, vol.size, false, nil)
+		ld, err := memberlog.Attach(p.dev, vol.size, false, nil)
 		if err != nil {
 			p.dev.Close()
 			return nil, err
@@ -653,7 +655,7 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	if p.md == nil && !p.blank && !args.Confirm && !args.Overwrite {
 		return nil, fmt.Errorf("%s holds data and would get a full copy: use --confirm", path)
 	}
-	mcPolicy, err := ParseMinicopyPolicy(args.Policy)
+	mcPolicy, err := policy.ParseMinicopyPolicy(args.Policy)
 	if err != nil {
 		return nil, err
 	}
@@ -672,7 +674,7 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	case p.md.Generation != mc.gen:
 		why = fmt.Sprintf("it was written outside the set (generation %s, it left at %s)", p.md.Generation, mc.gen)
 	}
-	if why != "" && mcPolicy == MinicopyRequired {
+	if why != "" && mcPolicy == policy.MinicopyRequired {
 		return nil, fmt.Errorf("%s cannot come back by minicopy: %s (use --policy minicopy=optional for a full copy)", path, why)
 	}
 	if why == "" {
@@ -753,8 +755,8 @@ func (vol *volume) writeOneLocked(m *memberRT) error {
 	// Each member records its own log region (members differ in size);
 	// a recorded log also tells the next mount the set keeps logs.
 	md.WriteLog = meta.WriteLog{}
-	if ld, ok := m.dev.(*loggedDevice); ok {
-		md.WriteLog = ld.descriptor()
+	if ld, ok := m.dev.(*memberlog.Device); ok {
+		md.WriteLog = ld.Descriptor()
 	}
 	md.Members = slices.Clone(vol.md.Members)
 	md.History = slices.Clone(vol.md.History)

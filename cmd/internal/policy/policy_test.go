@@ -1,4 +1,4 @@
-package agent
+package policy
 
 import (
 	"errors"
@@ -59,7 +59,7 @@ func FuzzParseHBMMPolicy(f *testing.F) {
 			return
 		}
 		if ref.Policy == nil {
-			if validPolicyName(ref.Name) != nil {
+			if ValidName(ref.Name) != nil {
 				t.Fatalf("%q: accepted bad name %q", s, ref.Name)
 			}
 			return

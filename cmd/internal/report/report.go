@@ -1,8 +1,14 @@
-package agent
+// Package report owns what `shadow show` prints: the JSON report whose
+// field names are a stable interface (docs/cli.md), and its human form.
+// The agent fills it; the CLI formats it. Keeping it apart keeps the
+// agent's package about running sets.
+package report
 
 import (
 	"fmt"
 	"strings"
+
+	"github.com/shadow-project/shadow/cluster"
 )
 
 // ShowReport is `shadow show --json`: stable field names, documented in
@@ -88,8 +94,8 @@ type OpShow struct {
 	History     []string `json:"history"`
 }
 
-// pct is the share of the volume below an LBN, rounded down.
-func pct(lbn uint64, size int64) int {
+// Pct is the share of the volume below an LBN, rounded down.
+func Pct(lbn uint64, size int64) int {
 	if size <= 0 {
 		return 0
 	}
@@ -97,8 +103,8 @@ func pct(lbn uint64, size int64) int {
 	return min(max(p, 0), 100)
 }
 
-// vuState renders OpenVMS's "Virtual Unit State" line.
-func vuState(s SetShow) string {
+// VUState renders OpenVMS's "Virtual Unit State" line.
+func VUState(s SetShow) string {
 	if len(s.Ops) == 0 {
 		return "Steady State"
 	}
@@ -265,4 +271,40 @@ func FormatPolicies(ps []PolicyShow) string {
 		fmt.Fprintf(&b, "HBMM Policy %s: %s\n", p.Name, p.Policy)
 	}
 	return b.String()
+}
+
+// OpWorkShow is the work of a running or recently completed op.
+type OpWorkShow struct {
+	ID   uint64 `json:"id"`
+	Kind string `json:"kind"`
+	// BitmapChunks is how many chunks the op's bitmap holds (minimerge,
+	// controller minimerge, minicopy); 0 for full ops.
+	BitmapChunks uint64 `json:"bitmap_chunks"`
+	// ChunksDone is how many chunks the op has merged or copied (of
+	// ChunkBytes each; full ops count 1 MiB steps).
+	ChunksDone uint64 `json:"chunks_done"`
+	ChunkBytes int64  `json:"chunk_bytes"`
+	BytesDone  int64  `json:"bytes_done"`
+	// ElapsedMS is the engine's running time (this run of the op), in
+	// milliseconds: recovery delays are not in it.
+	ElapsedMS int64 `json:"elapsed_ms"`
+}
+
+// ClusterShow is the cluster part of show.
+type ClusterShow struct {
+	Leader  string           `json:"leader"`
+	Hosts   []HostShow       `json:"hosts"`
+	Servers []cluster.Server `json:"raft_servers"`
+	// Warnings: e.g. the cluster could not survive the loss of one host.
+	Warnings []string `json:"warnings,omitempty"`
+}
+
+// HostShow is one host in the cluster view.
+type HostShow struct {
+	Host    string `json:"host"`
+	State   string `json:"state"` // up, failed, left (stopped cleanly)
+	Gossip  bool   `json:"gossip"`
+	Witness bool   `json:"witness,omitempty"`
+	Leader  bool   `json:"leader,omitempty"`
+	Voter   bool   `json:"voter,omitempty"`
 }

@@ -1,17 +1,23 @@
-package agent
+// Package policy owns the HBMM and minicopy policies' language: what
+// `--policy` and `set --policy hbmm=(…)` accept, its limits (from OpenVMS
+// SET SHADOW /POLICY) and how a policy picks master hosts. It parses and
+// decides; the agent stores policies and applies them.
+package policy
 
 import (
 	"errors"
 	"fmt"
 	"regexp"
 	"slices"
+	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"unicode"
 )
 
 // ErrPolicy marks a policy string or a policy command the agent refuses.
-var ErrPolicy = errors.New("agent: bad policy")
+var ErrPolicy = errors.New("policy: bad policy")
 
 // Policy names with a meaning of their own (OpenVMS SET SHADOW /POLICY).
 const (
@@ -27,7 +33,7 @@ const (
 const (
 	maxPolicyName    = 64
 	maxMasters       = 6
-	maxNamedPolicies = 128
+	MaxNamedPolicies = 128
 )
 
 // MasterList is one MASTER_LIST=(…) with its COUNT.
@@ -120,7 +126,7 @@ func ParseHBMMPolicy(s string) (PolicyRef, error) {
 		return PolicyRef{}, fmt.Errorf("%w: %q: want hbmm=(master_list=(...),count=N,reset_threshold=N) or hbmm=NAME", ErrPolicy, src)
 	}
 	if !strings.HasPrefix(rest, "(") {
-		if err := validPolicyName(rest); err != nil {
+		if err := ValidName(rest); err != nil {
 			return PolicyRef{}, err
 		}
 		return PolicyRef{Name: strings.ToUpper(rest)}, nil
@@ -251,7 +257,8 @@ func validHostName(h string) bool {
 	return true
 }
 
-func validPolicyName(n string) error {
+// ValidName refuses a policy name OpenVMS would refuse.
+func ValidName(n string) error {
 	if n == "" || len(n) > maxPolicyName {
 		return fmt.Errorf("%w: policy name %q: want 1 to %d characters", ErrPolicy, n, maxPolicyName)
 	}
@@ -287,4 +294,65 @@ func ParseMinicopyPolicy(s string) (MinicopyPolicy, error) {
 		return MinicopyOptional, nil
 	}
 	return 0, fmt.Errorf("%w: %q: want minicopy, minicopy=optional or nominicopy", ErrPolicy, s)
+}
+
+// Store holds the named HBMM policies (clusterwide in OpenVMS; this
+// host's for now).
+type Store struct {
+	mu    sync.Mutex
+	named map[string]HBMMPolicy
+}
+
+// Get finds a named policy (names are case-blind).
+func (s *Store) Get(name string) (HBMMPolicy, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, ok := s.named[strings.ToUpper(name)]
+	return p, ok
+}
+
+// Define adds or replaces a named policy.
+func (s *Store) Define(name string, p HBMMPolicy) error {
+	name = strings.ToUpper(name)
+	if err := ValidName(name); err != nil {
+		return err
+	}
+	if name == PolicyNoDefault {
+		return fmt.Errorf("%w: NODEFAULT is reserved: it means a set uses no HBMM", ErrPolicy)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.named == nil {
+		s.named = map[string]HBMMPolicy{}
+	}
+	if _, ok := s.named[name]; !ok && len(s.named) >= MaxNamedPolicies {
+		return fmt.Errorf("%w: already %d named policies", ErrPolicy, MaxNamedPolicies)
+	}
+	p.Name = name
+	s.named[name] = p
+	return nil
+}
+
+// Remove deletes a named policy.
+func (s *Store) Remove(name string) error {
+	name = strings.ToUpper(name)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.named[name]; !ok {
+		return fmt.Errorf("%w: no policy named %s", ErrPolicy, name)
+	}
+	delete(s.named, name)
+	return nil
+}
+
+// List returns the named policies by name.
+func (s *Store) List() []HBMMPolicy {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]HBMMPolicy, 0, len(s.named))
+	for _, p := range s.named {
+		out = append(out, p)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
 }

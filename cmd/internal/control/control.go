@@ -1,4 +1,8 @@
-package agent
+// Package control owns the agent's control API: one JSON request per line
+// on a unix socket that only the agent's owner may open, one JSON
+// response per line back. It is the only way the CLI reaches an agent;
+// the agent registers a handler per verb.
+package control
 
 import (
 	"bufio"
@@ -14,10 +18,6 @@ import (
 
 	"github.com/rs/zerolog"
 )
-
-// The control API: one JSON request per line on a unix socket that only
-// the agent's owner may open, one JSON response per line back. It is the
-// only way the CLI reaches an agent.
 
 // Request is one control call.
 type Request struct {
@@ -35,7 +35,7 @@ type Response struct {
 }
 
 // ErrTryAgain is what a handler returns when the agent is busy.
-var ErrTryAgain = errors.New("agent: busy, try again")
+var ErrTryAgain = errors.New("control: busy, try again")
 
 // Handler serves one verb.
 type Handler func(ctx context.Context, args json.RawMessage) (any, error)
@@ -54,7 +54,7 @@ func ListenAPI(path string, handlers map[string]Handler, log zerolog.Logger) (*A
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("agent: control socket folder: %w", err)
 	}
-	if err := removeStaleSocket(path); err != nil {
+	if err := RemoveStaleSocket(path); err != nil {
 		return nil, err
 	}
 	ln, err := net.Listen("unix", path)
@@ -70,9 +70,9 @@ func ListenAPI(path string, handlers map[string]Handler, log zerolog.Logger) (*A
 	return s, nil
 }
 
-// removeStaleSocket removes a socket left by a dead agent, and refuses to
+// RemoveStaleSocket (for the NBD socket too) removes a socket left by a dead agent, and refuses to
 // start beside a live one.
-func removeStaleSocket(path string) error {
+func RemoveStaleSocket(path string) error {
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
 		return nil
 	}
@@ -155,7 +155,7 @@ type Client struct {
 }
 
 // ErrNoAgent: nothing listens on the control socket.
-var ErrNoAgent = errors.New("agent: no agent is running")
+var ErrNoAgent = errors.New("control: no agent is running")
 
 // Call sends verb with args and decodes the result into out (if non-nil).
 func (c *Client) Call(verb string, args, out any) error {
