@@ -47,6 +47,8 @@ const (
 	// a failure (no Table 8-1 row, no recovery delay), and its next run
 	// registers without failing this one.
 	entryLeave entryType = "leave"
+	// entryRenew: Host renews its lease (lease.go).
+	entryRenew entryType = "renew"
 )
 
 // WriteLogSlots is how many hosts can keep write logs on one set's
@@ -90,6 +92,15 @@ type entry struct {
 	// entry was appended, a forwarded reply lost), so one entry may reach
 	// the log twice: it applies once, and the copy is accepted as a no-op.
 	ID uint64 `json:"id,omitempty"`
+	// Prev, on a renewal: the host's last renewal as the host has applied
+	// it.
+	Prev uint64 `json:"prev,omitempty"`
+	// Lease, on an incarnation: the host's lease and watchdog (nil: the
+	// host holds no lease: a witness, or fencing off). Delay, if not 0:
+	// the recovery delay the host sets as it registers (checked against
+	// every lease, its own included).
+	Lease *LeaseConfig `json:"lease,omitempty"`
+	Delay int64        `json:"delay,omitempty"`
 }
 
 // doneIDs are the IDs of the proposals of one run of a host that the log
@@ -135,7 +146,9 @@ type Hooks struct {
 // state machine. It implements the agent's Log.
 type Log struct {
 	host string
-	inc  uint64
+	// inc is this run's incarnation (an atomic: Stamp reads it without the
+	// lock; Reincarnate changes it).
+	inc  atomic.Uint64
 	node *Node
 
 	mu      sync.Mutex
@@ -168,10 +181,23 @@ type Log struct {
 	// (replicated state: in the snapshot); lastID numbers this run's.
 	done   map[string]*doneIDs
 	lastID uint64
+
+	// Leases (lease.go). leases and lastRenew are replicated (in the
+	// snapshot): each lease holder's configuration and last accepted
+	// renewal. renewedAt is when this host applied each one (its own
+	// clock). The rest is this host's own lease.
+	leases        map[string]LeaseConfig
+	lastRenew     map[string]uint64
+	renewedAt     map[string]time.Time
+	leaseCfg      LeaseConfig
+	leaseHooks    LeaseHooks
+	renewSent     map[uint64]int64
+	fenced        bool
+	registerDelay time.Duration
 }
 
 // Incarnation is the run of this host's agent the log belongs to.
-func (l *Log) Incarnation() uint64 { return l.inc }
+func (l *Log) Incarnation() uint64 { return l.inc.Load() }
 
 // Stamp identifies what this host writes into member metadata: the
 // cluster (zero until the first entry is applied), this run, and the last
@@ -180,7 +206,7 @@ func (l *Log) Stamp() (id [16]byte, inc, index uint64) {
 	if p := l.id.Load(); p != nil {
 		id = *p
 	}
-	return id, l.inc, l.applied.Load()
+	return id, l.inc.Load(), l.applied.Load()
 }
 
 func (l *Log) idBytes() []byte {
@@ -192,8 +218,30 @@ func (l *Log) idBytes() []byte {
 
 // NewLog makes the state machine; Start it with a node.
 func NewLog(host string, inc uint64, hooks Hooks) *Log {
-	return &Log{host: host, inc: inc, core: shadowset.New(), incs: map[string]uint64{}, windows: map[string]*Window{},
-		hooks: hooks, changed: make(chan struct{}), timers: map[time.Duration]*time.Timer{}, registered: map[string]time.Time{}, done: map[string]*doneIDs{}}
+	l := &Log{host: host, core: shadowset.New(), incs: map[string]uint64{}, windows: map[string]*Window{},
+		hooks: hooks, changed: make(chan struct{}), timers: map[time.Duration]*time.Timer{}, registered: map[string]time.Time{}, done: map[string]*doneIDs{},
+		leases: map[string]LeaseConfig{}, lastRenew: map[string]uint64{}, renewedAt: map[string]time.Time{}}
+	l.inc.Store(inc)
+	return l
+}
+
+// Reincarnate starts a new run of this host in the same process: after it
+// was fenced, its sets dropped, it registers again as inc (Register next)
+// and mounts only what it is asked to mount again.
+func (l *Log) Reincarnate(inc uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.inc.Store(inc)
+	l.live = false
+	l.fenced = false
+}
+
+// SetRegisterDelay makes the registration set the cluster's recovery
+// delay (checked against every lease).
+func (l *Log) SetRegisterDelay(d time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.registerDelay = d
 }
 
 // Attach connects the log to its node (after Start).
@@ -201,7 +249,15 @@ func (l *Log) Attach(n *Node) { l.node = n }
 
 // Register declares this incarnation: the first entry of every agent run.
 func (l *Log) Register(ctx context.Context, witness bool) error {
-	return l.propose(ctx, entry{Type: entryIncarnation, Witness: witness})
+	e := entry{Type: entryIncarnation, Witness: witness}
+	l.mu.Lock()
+	if l.leaseHooks.Now != nil && !witness {
+		c := l.leaseCfg
+		e.Lease = &c
+	}
+	e.Delay = int64(l.registerDelay)
+	l.mu.Unlock()
+	return l.propose(ctx, e)
 }
 
 // Leave records that this run stops cleanly, mounting nothing (the last
@@ -239,16 +295,22 @@ func (l *Log) Join(set string) error {
 
 func (l *Log) propose(ctx context.Context, e entry) error {
 	l.mu.Lock()
+	l.lastID++
+	id := l.lastID
+	l.mu.Unlock()
+	return l.proposeWithID(ctx, e, id)
+}
+
+// proposeWithID proposes e as this run's proposal id.
+func (l *Log) proposeWithID(ctx context.Context, e entry, id uint64) error {
+	l.mu.Lock()
 	closed := l.closed
 	l.mu.Unlock()
 	if closed {
 		return ErrClosed
 	}
-	l.mu.Lock()
-	l.lastID++
-	e.ID = l.lastID
-	l.mu.Unlock()
-	e.V, e.Host, e.Inc = entryVersion, l.host, l.inc
+	e.ID = id
+	e.V, e.Host, e.Inc = entryVersion, l.host, l.inc.Load()
 	b, err := json.Marshal(e)
 	if err != nil {
 		return err
@@ -262,7 +324,7 @@ func (l *Log) propose(ctx context.Context, e entry) error {
 	if errors.Is(err, ErrRefused) {
 		// The verdict's text is all that crosses the wire; keep the
 		// sentinels callers test for.
-		for _, s := range []error{shadowset.ErrBadEvent, shadowset.ErrUnknownHost, shadowset.ErrUnknownSet, ErrStaleIncarnation, ErrNotMounted} {
+		for _, s := range []error{shadowset.ErrBadEvent, shadowset.ErrUnknownHost, shadowset.ErrUnknownSet, ErrStaleIncarnation, ErrNotMounted, ErrFenced, ErrLeaseConfig} {
 			if containsAny(err.Error(), s.Error()) {
 				return fmt.Errorf("%w: %w", s, err)
 			}
@@ -321,13 +383,26 @@ func (l *Log) Apply(index uint64, data []byte) (err error) {
 		if e.HostInc != 0 && l.incs[e.Ev.Host] != e.HostInc {
 			return fmt.Errorf("%w: %s of %s incarnation %x (current %x)", ErrStaleIncarnation, e.Ev.Kind, e.Ev.Host, e.HostInc, l.incs[e.Ev.Host])
 		}
+		if e.Ev.Kind == shadowset.EvSetDelay {
+			if err := l.checkLeaseDelay(e.Ev.Duration); err != nil {
+				return err
+			}
+		}
 		if e.Join {
 			sv, ok := l.core.Set(e.Ev.Set)
 			if !ok || len(sv.Mounted) == 0 {
 				return fmt.Errorf("%w: %s", ErrNotMounted, e.Ev.Set)
 			}
 		}
-		return l.step(*e.Ev, e.Host)
+		if err := l.step(*e.Ev, e.Host); err != nil {
+			return err
+		}
+		if e.Ev.Kind == shadowset.EvHostFailed && e.Ev.Host == l.host && l.live {
+			l.fenceLocked("the cluster declared this host failed")
+		}
+		return nil
+	case entryRenew:
+		return l.applyRenew(e)
 	case entryWindow:
 		return l.applyWindow(e)
 	case entrySlotClaim, entrySlotFree:
@@ -397,12 +472,40 @@ func (l *Log) applyIncarnation(e entry) (err error) {
 			delete(l.registered, e.Host)
 		}
 	}()
+	prevLease, hadLease := l.leases[e.Host]
+	defer func() {
+		if err != nil {
+			if hadLease {
+				l.leases[e.Host] = prevLease
+			} else {
+				delete(l.leases, e.Host)
+			}
+		}
+	}()
+	if err := l.checkRegistration(e); err != nil {
+		return err
+	}
 	l.incs[e.Host] = e.Inc
-	if e.Host == l.host && e.Inc == l.inc {
+	if e.Host == l.host && e.Inc == l.inc.Load() {
 		l.live = true
+	} else if e.Host == l.host && l.live {
+		// Another run of this host's name registered: this one's view of
+		// the sets is no longer the cluster's.
+		l.fenceLocked("another run of this host registered")
 	}
 	if !had || prev != e.Inc {
 		l.registered[e.Host] = time.Now()
+	}
+	delete(l.leases, e.Host)
+	if e.Lease != nil {
+		l.leases[e.Host] = *e.Lease
+		l.lastRenew[e.Host] = 0
+		l.renewedAt[e.Host] = time.Now()
+	}
+	if e.Delay > 0 {
+		if err := l.step(shadowset.Event{Kind: shadowset.EvSetDelay, Duration: time.Duration(e.Delay)}, e.Host); err != nil {
+			return err
+		}
 	}
 	if e.Witness {
 		return nil
@@ -425,6 +528,30 @@ func (l *Log) applyIncarnation(e entry) (err error) {
 		return nil
 	}
 	return l.step(shadowset.Event{Kind: shadowset.EvHostUp, Host: e.Host}, e.Host)
+}
+
+// checkRegistration refuses a run whose lease the recovery delay (the
+// cluster's, or the one it brings) does not cover, and a delay it brings
+// that another host's lease does not fit.
+func (l *Log) checkRegistration(e entry) error {
+	d := l.core.Delay()
+	if e.Delay > 0 {
+		d = time.Duration(e.Delay)
+		for h, c := range l.leases {
+			if h == e.Host || l.incs[h] == 0 {
+				continue
+			}
+			if err := c.CheckDelay(d); err != nil {
+				return fmt.Errorf("host %s: %w", h, err)
+			}
+		}
+	}
+	if e.Lease != nil {
+		if err := e.Lease.CheckDelay(d); err != nil {
+			return fmt.Errorf("host %s: %w", e.Host, err)
+		}
+	}
+	return nil
 }
 
 func (l *Log) applyWindow(e entry) error {
@@ -716,6 +843,14 @@ func (l *Log) LeaderChanged(leader bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.leading = leader
+	if leader {
+		// A new leader counts every lease from its own start: it has not
+		// seen the renewals its predecessor applied.
+		now := time.Now()
+		for h := range l.leases {
+			l.renewedAt[h] = now
+		}
+	}
 	if !leader {
 		for at, t := range l.timers {
 			t.Stop()
@@ -762,6 +897,13 @@ func (l *Log) Reconcile(alive []Peer) {
 			}
 		}
 		failed = append(failed, failure{h.Name, inc})
+	}
+	// A lapse the leader sees is a failure, gossip or not.
+	for h, inc := range l.lapsed() {
+		if !slices.ContainsFunc(failed, func(f failure) bool { return f.host == h }) {
+			l.node.log.Warn().Str("peer", h).Msg("host's lease lapsed: recording its failure")
+			failed = append(failed, failure{h, inc})
+		}
 	}
 	l.mu.Unlock()
 	for _, f := range failed {
@@ -831,15 +973,17 @@ func (l *Log) Close() {
 // logSnapshot is the state machine's snapshot: the core's own snapshot
 // and what the log keeps beside it.
 type logSnapshot struct {
-	V       int                 `json:"v"`
-	ID      []byte              `json:"id,omitempty"`
-	Core    json.RawMessage     `json:"core"`
-	Incs    map[string]uint64   `json:"incs"`
-	Windows map[string]*Window  `json:"windows,omitempty"`
-	Seq     uint64              `json:"seq"`
-	History []shadowset.Event   `json:"history,omitempty"`
-	Slots   map[string][]string `json:"slots,omitempty"`
-	Done    map[string]*doneIDs `json:"done,omitempty"`
+	V         int                    `json:"v"`
+	ID        []byte                 `json:"id,omitempty"`
+	Core      json.RawMessage        `json:"core"`
+	Incs      map[string]uint64      `json:"incs"`
+	Windows   map[string]*Window     `json:"windows,omitempty"`
+	Seq       uint64                 `json:"seq"`
+	History   []shadowset.Event      `json:"history,omitempty"`
+	Slots     map[string][]string    `json:"slots,omitempty"`
+	Done      map[string]*doneIDs    `json:"done,omitempty"`
+	Leases    map[string]LeaseConfig `json:"leases,omitempty"`
+	LastRenew map[string]uint64      `json:"last_renew,omitempty"`
 }
 
 // Snapshot implements StateMachine.
@@ -850,7 +994,7 @@ func (l *Log) Snapshot() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return json.Marshal(logSnapshot{V: entryVersion, ID: l.idBytes(), Core: c, Incs: l.incs, Windows: l.windows, Seq: l.seq, History: l.history, Slots: l.slots, Done: l.done})
+	return json.Marshal(logSnapshot{V: entryVersion, ID: l.idBytes(), Core: c, Incs: l.incs, Windows: l.windows, Seq: l.seq, History: l.history, Slots: l.slots, Done: l.done, Leases: l.leases, LastRenew: l.lastRenew})
 }
 
 // Restore implements StateMachine.
@@ -879,6 +1023,17 @@ func (l *Log) Restore(b []byte) error {
 		l.id.Store(&id)
 	}
 	l.registered = map[string]time.Time{}
+	l.leases, l.lastRenew, l.renewedAt = s.Leases, s.LastRenew, map[string]time.Time{}
+	if l.leases == nil {
+		l.leases = map[string]LeaseConfig{}
+	}
+	if l.lastRenew == nil {
+		l.lastRenew = map[string]uint64{}
+	}
+	now := time.Now()
+	for h := range l.leases {
+		l.renewedAt[h] = now
+	}
 	l.done = s.Done
 	if l.done == nil {
 		l.done = map[string]*doneIDs{}
@@ -892,7 +1047,7 @@ func (l *Log) Restore(b []byte) error {
 	// A snapshot taken after this incarnation registered (a host that
 	// fell behind gets one from the leader) makes it live, as applying
 	// the registration would have.
-	if l.incs[l.host] == l.inc {
+	if l.incs[l.host] == l.inc.Load() {
 		l.live = true
 	}
 	return nil
