@@ -111,8 +111,13 @@ type LeaseHooks struct {
 	Now func() int64
 	// Extended: the lease now lasts until this reading of Now.
 	Extended func(until int64)
-	// Fenced: this run was declared failed; why.
-	Fenced func(reason string)
+	// Fenced: this run was declared failed (why); rejoin: it may register
+	// a new run (false when another run of the host's name took over).
+	// It runs under the log's lock.
+	Fenced func(reason string, rejoin bool)
+	// Before runs before each renewal (outside the lock): the holder's
+	// first entries once it reaches the log again.
+	Before func()
 }
 
 // EnableLease makes this host a lease holder (before Register, which
@@ -150,7 +155,7 @@ func (l *Log) Renew(ctx context.Context) error {
 	err := l.proposeWithID(ctx, entry{Type: entryRenew, Prev: prev}, id)
 	if err != nil && (errors.Is(err, ErrStaleIncarnation) || containsAny(err.Error(), ErrFenced.Error())) {
 		l.mu.Lock()
-		l.fenceLocked("a renewal was refused: " + err.Error())
+		l.fenceLocked("a renewal was refused: "+err.Error(), !errors.Is(err, ErrStaleIncarnation))
 		l.mu.Unlock()
 		return fmt.Errorf("%w: %w", ErrFenced, err)
 	}
@@ -162,6 +167,9 @@ func (l *Log) RenewLoop(ctx context.Context) {
 	every := l.leaseCfg.RenewEvery()
 	for {
 		start := time.Now()
+		if l.leaseHooks.Before != nil {
+			l.leaseHooks.Before()
+		}
 		rctx, cancel := context.WithTimeout(ctx, l.leaseCfg.Lease)
 		err := l.Renew(rctx)
 		cancel()
@@ -187,13 +195,13 @@ func (l *Log) Fenced() bool {
 }
 
 // fenceLocked ends this run's right to I/O, once.
-func (l *Log) fenceLocked(reason string) {
+func (l *Log) fenceLocked(reason string, rejoin bool) {
 	if l.fenced {
 		return
 	}
 	l.fenced = true
 	if l.leaseHooks.Fenced != nil {
-		l.leaseHooks.Fenced(reason)
+		l.leaseHooks.Fenced(reason, rejoin)
 	}
 }
 

@@ -398,7 +398,7 @@ func (l *Log) Apply(index uint64, data []byte) (err error) {
 			return err
 		}
 		if e.Ev.Kind == shadowset.EvHostFailed && e.Ev.Host == l.host && l.live {
-			l.fenceLocked("the cluster declared this host failed")
+			l.fenceLocked("the cluster declared this host failed", true)
 		}
 		return nil
 	case entryRenew:
@@ -491,7 +491,7 @@ func (l *Log) applyIncarnation(e entry) (err error) {
 	} else if e.Host == l.host && l.live {
 		// Another run of this host's name registered: this one's view of
 		// the sets is no longer the cluster's.
-		l.fenceLocked("another run of this host registered")
+		l.fenceLocked("another run of this host registered", false)
 	}
 	if !had || prev != e.Inc {
 		l.registered[e.Host] = time.Now()

@@ -131,10 +131,15 @@ func (c *testCluster) dumpEvents() {
 	}
 }
 
+// testLeaseFlags fit the tests' 3 s recovery delay: (1.5 s + 0.5 s) ×
+// 1.01² + 250 ms = 2.29 s.
+var testLeaseFlags = []string{"--lease", "1500ms", "--watchdog", "500ms"}
+
 func (c *testCluster) start(nd *cnode, join []string) {
 	c.t.Helper()
 	args := []string{"--host", nd.name, "--cluster-listen", nd.gossip, "--state-dir", nd.state,
 		"--recovery-delay", c.delay.String()}
+	args = append(args, testLeaseFlags...)
 	if len(join) > 0 {
 		args = append(args, "--join", strings.Join(join, ","))
 	}
@@ -746,6 +751,7 @@ func (c *testCluster) startTogether(nodes []*cnode) {
 		args := []string{"agent", "--socket", nd.sock, "--nbd-unix", nd.nbdSock, "--nbd-listen", "", "--clean-after", "1s",
 			"--host", nd.name, "--cluster-listen", nd.gossip, "--state-dir", nd.state, "--recovery-delay", c.delay.String(),
 			"--join", strings.Join(join, ",")}
+		args = append(args, testLeaseFlags...)
 		nd.cmd = exec.Command(shadowBin, append(args, nd.extra...)...)
 		nd.log = &bytes.Buffer{}
 		nd.cmd.Stdout, nd.cmd.Stderr = nd.log, nd.log

@@ -32,7 +32,7 @@ func TestClusterE2ETwoHostsAndWitness(t *testing.T) {
 		return p
 	}
 	key := keyFile()
-	c := newCluster(t, 2*time.Second, []string{"A", "B"}, "--gossip-key-file", key)
+	c := newCluster(t, 3*time.Second, []string{"A", "B"}, "--gossip-key-file", key)
 	w := c.addWitnessWith("W", "--gossip-key-file", key)
 	a, b := c.node("A"), c.node("B")
 	if out, err := w.cli("mount", "DSA1", "--member", filepath.Join(c.dir, "x")); err == nil || !strings.Contains(out, "witness") {

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/shadow-project/shadow/cmd/internal/fence"
 	"github.com/urfave/cli/v2"
 )
 
@@ -95,6 +96,8 @@ func newApp() *cli.App {
 			verifyCommand(),
 			examineCommand(),
 			replayCommand(),
+			{Name: fence.WatchdogCommand, Hidden: true, Usage: "the agent's fencing watchdog (started by the agent)",
+				Action: func(*cli.Context) error { return fence.RunWatchdog() }},
 		},
 		HideHelpCommand: true,
 		// --mount DSA1=a,b carries its own commas.

@@ -24,6 +24,7 @@ import (
 	"github.com/shadow-project/shadow/cluster"
 	"github.com/shadow-project/shadow/cmd/internal/agent"
 	"github.com/shadow-project/shadow/cmd/internal/control"
+	"github.com/shadow-project/shadow/cmd/internal/fence"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/policy"
 	"github.com/shadow-project/shadow/cmd/internal/report"
@@ -93,6 +94,11 @@ func agentCommand() *cli.Command {
 			&cli.IntFlag{Name: "suspicion-mult", Value: cluster.DefaultTiming.SuspicionMult, Usage: "failure detection: a suspect is declared failed after this × probe-interval × log10(hosts)"},
 			&cli.DurationFlag{Name: "recovery-delay", Usage: "set the cluster-wide recovery delay (Table 8-1's Delay) at start; default: keep the cluster's (20s when new)"},
 			&cli.DurationFlag{Name: "raft-heartbeat", Value: cluster.DefaultTiming.RaftHeartbeat, Usage: "raft heartbeat and election timeout"},
+			&cli.DurationFlag{Name: "lease", Value: defaultLease.Lease, Usage: "fencing: member I/O needs a lease renewed through the log; it lasts this long from each renewal (at least 2 × raft-heartbeat)"},
+			&cli.DurationFlag{Name: "watchdog", Value: defaultLease.Watchdog, Usage: "fencing: the watchdog kills the agent this long after a lapse that leaves member I/O outstanding; the recovery delay must be ≥ (lease + watchdog)(1.01)² + 250ms"},
+			&cli.StringFlag{Name: "on-no-quorum", Value: "suspend-io", Usage: "member I/O without a lease (quorum lost): suspend-io (wait, up to --no-quorum-timeout) or io-error"},
+			&cli.DurationFlag{Name: "no-quorum-timeout", Value: 60 * time.Second, Usage: "with suspend-io, how long I/O waits for quorum before it fails"},
+			&cli.BoolFlag{Name: "no-fencing", Hidden: true, Usage: "benchmarks only: no lease, no watchdog"},
 		},
 		Action: func(cc *cli.Context) error {
 			setIOParallelism(cc.Int("io-parallelism"))
@@ -163,6 +169,11 @@ func setIOParallelism(n int) {
 	}
 }
 
+// defaultLease: a 3 s lease rides out a raft election and a slow fsync;
+// with a 1 s watchdog it needs a recovery delay of 4.3 s (the default is
+// 20 s).
+var defaultLease = cluster.LeaseConfig{Lease: 3 * time.Second, Watchdog: time.Second}
+
 // clusterConfig reads the cluster flags (nil: a cluster of one).
 func clusterConfig(cc *cli.Context) (*agent.ClusterConfig, error) {
 	listen := cc.String("cluster-listen")
@@ -179,7 +190,19 @@ func clusterConfig(cc *cli.Context) (*agent.ClusterConfig, error) {
 	}
 	cfg := &agent.ClusterConfig{Listen: listen, StateDir: cc.String("state-dir"), Witness: cc.Bool("witness"),
 		Timing: cluster.Timing{ProbeInterval: cc.Duration("probe-interval"), ProbeTimeout: cc.Duration("probe-timeout"),
-			SuspicionMult: cc.Int("suspicion-mult"), RaftHeartbeat: cc.Duration("raft-heartbeat")}}
+			SuspicionMult: cc.Int("suspicion-mult"), RaftHeartbeat: cc.Duration("raft-heartbeat")},
+		Lease:           cluster.LeaseConfig{Lease: cc.Duration("lease"), Watchdog: cc.Duration("watchdog")},
+		NoQuorumTimeout: cc.Duration("no-quorum-timeout")}
+	pol, err := fence.ParsePolicy(cc.String("on-no-quorum"))
+	if err != nil {
+		return nil, err
+	}
+	cfg.OnNoQuorum = pol
+	if cc.Bool("no-fencing") {
+		cfg.Lease = cluster.LeaseConfig{}
+	} else if err := cfg.Lease.Check(cfg.Timing); err != nil {
+		return nil, err
+	}
 	for _, j := range cc.StringSlice("join") {
 		for _, p := range strings.Split(j, ",") {
 			if p = strings.TrimSpace(p); p != "" {

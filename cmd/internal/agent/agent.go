@@ -23,6 +23,7 @@ import (
 	"github.com/shadow-project/shadow/cluster"
 	"github.com/shadow-project/shadow/cmd/internal/control"
 	"github.com/shadow-project/shadow/cmd/internal/device"
+	"github.com/shadow-project/shadow/cmd/internal/fence"
 	"github.com/shadow-project/shadow/cmd/internal/nbd"
 	"github.com/shadow-project/shadow/cmd/internal/policy"
 	"github.com/shadow-project/shadow/shadowset"
@@ -77,6 +78,14 @@ type Agent struct {
 	wg   sync.WaitGroup
 
 	policies policy.Store
+
+	// Fencing (lease.go); gate and watchdog are nil without a lease.
+	gate        *fence.Gate
+	watchdog    *fence.Watchdog
+	renewStop   context.CancelFunc
+	fenceMu     sync.Mutex
+	fenceReason string
+	fencedAt    time.Time
 }
 
 // run is one engine goroutine executing an op.
@@ -123,7 +132,7 @@ func New(cfg Config) (*Agent, error) {
 			return nil, err
 		}
 	}
-	if cfg.RecoveryDelay != nil {
+	if cfg.RecoveryDelay != nil && cfg.Cluster == nil {
 		if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvSetDelay, Duration: *cfg.RecoveryDelay}); err != nil {
 			a.closeListeners()
 			a.stopCluster(false)

@@ -180,7 +180,7 @@ func (b *bitmaps) blocksPerChunk() uint64 { return uint64(b.chunkSize / meta.LBN
 // bitmapFence is a bitmap merge's progress: the chunks of its bitmap at or
 // above the fence are still owed. Reads elsewhere need no care.
 type bitmapFence struct {
-	fence
+	progressFence
 	bm *bitmap.Bitmap
 }
 

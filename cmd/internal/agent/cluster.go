@@ -2,8 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"slices"
@@ -13,6 +11,7 @@ import (
 	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/cluster"
 	"github.com/shadow-project/shadow/cmd/internal/device"
+	"github.com/shadow-project/shadow/cmd/internal/fence"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/nbd"
 	"github.com/shadow-project/shadow/cmd/internal/report"
@@ -34,6 +33,11 @@ type ClusterConfig struct {
 	Witness   bool
 	GossipKey []byte
 	Timing    cluster.Timing
+	// Lease and watchdog (Lease 0: fencing off, for benchmarks only);
+	// what member I/O does without a lease, and for how long it waits.
+	Lease           cluster.LeaseConfig
+	OnNoQuorum      fence.Policy
+	NoQuorumTimeout time.Duration
 }
 
 // WindowSize is how much of a shared set a merge or copy claims at once:
@@ -51,15 +55,19 @@ const WindowSize = 16 << 20
 // first entry, which fails the previous run if the log still has it up.
 func (a *Agent) startCluster() error {
 	cc := a.cfg.Cluster
-	var b [8]byte
-	_, _ = rand.Read(b[:])
-	inc := binary.LittleEndian.Uint64(b[:]) | 1
-	a.clog = cluster.NewLog(a.host, inc, cluster.Hooks{Applied: a.applyCluster, Window: a.onWindow})
+	a.clog = cluster.NewLog(a.host, newIncarnation(), cluster.Hooks{Applied: a.applyCluster, Window: a.onWindow})
+	if err := a.startLease(); err != nil {
+		return err
+	}
+	if a.cfg.RecoveryDelay != nil {
+		a.clog.SetRegisterDelay(*a.cfg.RecoveryDelay)
+	}
 	node, err := cluster.Start(cluster.NodeConfig{
 		Host: a.host, Listen: cc.Listen, Join: cc.Join, StateDir: cc.StateDir, Witness: cc.Witness,
 		GossipKey: cc.GossipKey, Timing: cc.Timing, Logger: a.log, FSM: a.clog, Reconciler: a.clog,
 	})
 	if err != nil {
+		a.stopLease()
 		return err
 	}
 	a.node = node
@@ -69,7 +77,13 @@ func (a *Agent) startCluster() error {
 	defer cancel()
 	if err := a.clog.Register(ctx, cc.Witness); err != nil {
 		node.Shutdown()
+		a.stopLease()
 		return fmt.Errorf("agent: join the cluster's log: %w", err)
+	}
+	if err := a.holdLease(ctx); err != nil {
+		node.Shutdown()
+		a.stopLease()
+		return err
 	}
 	a.log.Info().Str("host", a.host).Str("gossip", cc.Listen).Strs("join", cc.Join).Bool("witness", cc.Witness).Str("leader", node.Leader()).Msg("cluster joined")
 	return nil
@@ -80,6 +94,7 @@ func (a *Agent) stopCluster(graceful bool) {
 	if a.node == nil {
 		return
 	}
+	a.stopLease()
 	if graceful {
 		a.node.Leave()
 	} else {
@@ -140,7 +155,7 @@ func (a *Agent) remoteAdded(set, path string) {
 		return
 	}
 	vol.closeRetired(path)
-	dev, err := a.cfg.OpenDevice(path, device.Options{Direct: true, Shared: true})
+	dev, err := a.cfg.OpenDevice(path, a.sharedOptions())
 	if err != nil {
 		a.log.Error().Str("vu", set).Str("member", path).Err(err).Msg("cannot open a member another host added: this host's writes miss it")
 		return
@@ -315,7 +330,7 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 	vol := &volume{name: args.Set, members: map[string]*memberRT{}, stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{}), stamp: a.stamp}
 	var specs []vu.MemberSpec
 	for _, mv := range sv.Members {
-		dev, err := a.cfg.OpenDevice(mv.Name, device.Options{Direct: true, Shared: true})
+		dev, err := a.cfg.OpenDevice(mv.Name, a.sharedOptions())
 		if err != nil {
 			return nil, fmt.Errorf("mount %s: %w", args.Set, err)
 		}
@@ -438,6 +453,7 @@ func (a *Agent) clusterShow() *report.ClusterShow {
 		return nil
 	}
 	cs := &report.ClusterShow{Leader: a.node.Leader(), Servers: a.node.Servers()}
+	defer a.leaseShow(cs)
 	alive := a.node.Alive()
 	var hosts []shadowset.HostView
 	a.elog.View(func(c *shadowset.Core) { hosts = c.Hosts() })

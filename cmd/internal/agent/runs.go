@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/shadow-project/shadow/bitmap"
+	"github.com/shadow-project/shadow/cmd/internal/device"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/vu"
 	shadowcopy "github.com/shadow-project/shadow/copy"
@@ -40,7 +41,7 @@ func (a *Agent) startRun(act shadowset.Action) {
 			vol.startedMerge = act.OpKind.String()
 		}
 		if whole {
-			f = &fence{}
+			f = &progressFence{}
 		} else {
 			f = &bitmapFence{bm: work}
 		}
@@ -63,7 +64,8 @@ func (a *Agent) startRun(act shadowset.Action) {
 				err = a.runCopy(ctx, vol, act, work)
 			}
 			var ee *engineError
-			if err == nil || ctx.Err() != nil || (errors.As(err, &ee) && ee.member != "") {
+			fenced := errors.Is(err, device.ErrFenced)
+			if err == nil || ctx.Err() != nil || (errors.As(err, &ee) && ee.member != "" && !fenced) {
 				break
 			}
 			// No member is to blame (the cluster's log, a window): the op
@@ -388,7 +390,7 @@ func (a *Agent) finished(act shadowset.Action) {
 
 // owedFence covers the whole volume: a merge that is required but not
 // running here has reached nothing yet. Nobody advances it.
-var owedFence fence
+var owedFence progressFence
 
 // syncMergeViews keeps each VU's merge-time read consistency in step with
 // the core: from the moment a merge is required until it completes, reads

@@ -105,14 +105,14 @@ type memberRT struct {
 	checkpoint atomic.Uint64
 }
 
-// fence is a full merge's progress: bytes at or above it are still owed.
-type fence struct{ at atomic.Int64 }
+// progressFence is a full merge's progress: bytes at or above it are still owed.
+type progressFence struct{ at atomic.Int64 }
 
 // Pending implements vu.MergeWork.
-func (f *fence) Pending(off, n int64) bool { return off+n > f.at.Load() }
+func (f *progressFence) Pending(off, n int64) bool { return off+n > f.at.Load() }
 
 // advance moves the fence to a checkpoint.
-func (f *fence) advance(off int64) { f.at.Store(off) }
+func (f *progressFence) advance(off int64) { f.at.Store(off) }
 
 // mergeFence is a running merge's progress, full or over a bitmap.
 type mergeFence interface {
@@ -254,7 +254,7 @@ func (a *Agent) mount(args MountArgs) (*MountResult, error) {
 // cache, so none may trust its own).
 func (a *Agent) memberOptions(args MountArgs, path string) device.Options {
 	if a.clustered() {
-		return device.Options{Direct: true, Shared: true}
+		return a.sharedOptions()
 	}
 	return device.Options{Direct: args.direct(path)}
 }

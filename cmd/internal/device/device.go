@@ -60,6 +60,16 @@ type Options struct {
 	// without O_EXCL. What keeps two clusters apart is the set's metadata
 	// and, on a real SAN, SCSI-3 persistent reservations (not here).
 	Shared bool
+	// Fence, if set, admits each read, write, zero and flush (the cluster
+	// lease: cmd/internal/fence). A refusal fails that request only: it
+	// wraps ErrFenced and neither fails the device nor blames the member.
+	Fence Fence
+}
+
+// Fence guards member I/O; Exit follows every successful Enter.
+type Fence interface {
+	Enter() error
+	Exit()
 }
 
 // Errors callers test for with errors.Is.
@@ -77,6 +87,9 @@ var (
 	ErrReadOnly = errors.New("device: read-only")
 	// ErrClosed: a call after Close.
 	ErrClosed = errors.New("device: closed")
+	// ErrFenced: the host may not do member I/O now (no cluster lease):
+	// no member is at fault.
+	ErrFenced = errors.New("device: member I/O fenced")
 	// ErrFailed: an earlier write, zero or flush failed; the device
 	// refuses all I/O from then on. The error returned also wraps the
 	// original cause (EIO, ENOSPC, an injected error...).

@@ -32,6 +32,7 @@ type osDevice struct {
 	block    bool
 	readOnly bool
 	shared   bool
+	fence    Fence
 
 	// direct is set for O_DIRECT; align is then the offset and length
 	// alignment it needs, memAlign the buffer address alignment.
@@ -118,7 +119,7 @@ func Open(path string, opts Options) (Device, error) {
 		f.Close()
 		return nil, fmt.Errorf("device: open %s: %w", path, err)
 	}
-	d := &osDevice{f: f, rc: rc, path: path, block: block, readOnly: opts.ReadOnly, direct: opts.Direct, shared: opts.Shared}
+	d := &osDevice{f: f, rc: rc, path: path, block: block, readOnly: opts.ReadOnly, direct: opts.Direct, shared: opts.Shared, fence: opts.Fence}
 	if err := d.setup(fi); err != nil {
 		f.Close()
 		return nil, err
@@ -246,6 +247,23 @@ func (d *osDevice) control(fn func(fd int) error) error {
 }
 
 func (d *osDevice) Path() string { return d.path }
+
+// enter passes the fence, if any, for one request.
+func (d *osDevice) enter(op string) error {
+	if d.fence == nil {
+		return nil
+	}
+	if err := d.fence.Enter(); err != nil {
+		return fmt.Errorf("device: %s %s: %w", op, d.path, err)
+	}
+	return nil
+}
+
+func (d *osDevice) exit() {
+	if d.fence != nil {
+		d.fence.Exit()
+	}
+}
 func (d *osDevice) Size() int64  { return d.size }
 
 // usable returns why no I/O may be done now, if anything.
@@ -270,6 +288,10 @@ func (d *osDevice) ReadAt(p []byte, off int64) (int, error) {
 	if err := d.usable(); err != nil {
 		return 0, err
 	}
+	if err := d.enter("read"); err != nil {
+		return 0, err
+	}
+	defer d.exit()
 	if off < 0 {
 		return 0, checkRange(d.path, "read", off, int64(len(p)), d.size)
 	}
@@ -317,6 +339,10 @@ func (d *osDevice) write(op string, p []byte, off int64, do func([]byte, int64) 
 	if err := checkRange(d.path, op, off, int64(len(p)), d.size); err != nil {
 		return 0, err
 	}
+	if err := d.enter(op); err != nil {
+		return 0, err
+	}
+	defer d.exit()
 	n, err := do(p, off)
 	if err != nil {
 		return n, d.fail(op, fmt.Errorf("%s at %d+%d: %w", op, off, len(p), err))
@@ -431,6 +457,10 @@ func (d *osDevice) Flush() error {
 	if d.readOnly {
 		return nil
 	}
+	if err := d.enter("flush"); err != nil {
+		return err
+	}
+	defer d.exit()
 	// fdatasync, not fsync: it writes what is needed to read the data
 	// back (size, block map) and, on a block device, flushes the drive's
 	// cache; timestamps can wait.
@@ -453,6 +483,10 @@ func (d *osDevice) Zero(off, length int64) error {
 	if length == 0 {
 		return nil
 	}
+	if err := d.enter("zero"); err != nil {
+		return err
+	}
+	defer d.exit()
 	var err error
 	if d.block {
 		err = d.zeroBlock(off, length)

@@ -59,6 +59,10 @@ func (d *osDevice) TryReadAt(p []byte, off int64) bool {
 	if off < 0 || off > d.size || int64(len(p)) > d.size-off {
 		return false
 	}
+	if d.enter("read") != nil {
+		return false // ReadAt reports it
+	}
+	defer d.exit()
 	var n int
 	err := d.control(func(fd int) error {
 		var err error

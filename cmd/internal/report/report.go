@@ -297,6 +297,36 @@ type ClusterShow struct {
 	Servers []cluster.Server `json:"raft_servers"`
 	// Warnings: e.g. the cluster could not survive the loss of one host.
 	Warnings []string `json:"warnings,omitempty"`
+	// Quorum: this host reaches a leader and holds a valid lease (a
+	// witness: reaches a leader).
+	Quorum bool `json:"quorum"`
+	// OnNoQuorum is what member I/O does without a lease: suspend-io or
+	// io-error.
+	OnNoQuorum string `json:"on_no_quorum"`
+	// Authenticated: raft and the streams between agents are mutual TLS
+	// keyed by the cluster key.
+	Authenticated   bool  `json:"transport_authenticated"`
+	RecoveryDelayMs int64 `json:"recovery_delay_ms"`
+	// Fence is this host's lease and watchdog (absent: no lease, as on a
+	// witness).
+	Fence *FenceShow `json:"fence,omitempty"`
+}
+
+// FenceShow is this host's fencing state.
+type FenceShow struct {
+	LeaseMs    int64 `json:"lease_ms"`
+	WatchdogMs int64 `json:"watchdog_ms"`
+	// RequiredDelayMs: the least recovery delay that is safe with them,
+	// (L+W)(1+ρ)² + margin.
+	RequiredDelayMs int64 `json:"required_delay_ms"`
+	WatchdogPID     int   `json:"watchdog_pid"`
+	// Outstanding member I/Os; Refused: failed for want of a lease;
+	// Waited: waited for one; Lapses: times the lease lapsed under I/O.
+	Outstanding int64  `json:"outstanding_io"`
+	Refused     uint64 `json:"refused_io"`
+	Waited      uint64 `json:"waited_io"`
+	Lapses      uint64 `json:"lapses"`
+	LastFenced  string `json:"last_fenced,omitempty"`
 }
 
 // HostShow is one host in the cluster view.
@@ -307,4 +337,8 @@ type HostShow struct {
 	Witness bool   `json:"witness,omitempty"`
 	Leader  bool   `json:"leader,omitempty"`
 	Voter   bool   `json:"voter,omitempty"`
+	// Lease as this host sees it: valid, lapsed, fenced (failed), none
+	// (a witness, or fencing off); LeaseLeftMs for this host only.
+	Lease       string `json:"lease,omitempty"`
+	LeaseLeftMs *int64 `json:"lease_left_ms,omitempty"`
 }

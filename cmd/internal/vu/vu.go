@@ -160,6 +160,8 @@ type VU struct {
 	// BusyProbe says so.
 	appIO   atomic.Int64
 	appDone atomic.Uint64
+	// partial: see TakePartial.
+	partial atomic.Bool
 
 	mu      sync.RWMutex
 	members []*member
@@ -498,6 +500,9 @@ func (v *VU) settle(what string, ms []*member, roles []Role, errs []error) error
 	if !failed {
 		return nil
 	}
+	if err := v.fenced(what, errs); err != nil {
+		return err
+	}
 	if fullOK == 0 {
 		err := errors.Join(errs...)
 		v.log.Error().Str("vu", v.name).Str("op", what).Err(err).Msg("no full member completed the request; it fails and no member is expelled")
@@ -513,6 +518,37 @@ func (v *VU) settle(what string, ms []*member, roles []Role, errs []error) error
 	}
 	return nil
 }
+
+// fenced fails a request that the lease refused on some member: nobody
+// is expelled (no member is at fault). A write or zero that reached some
+// members and not others left them different: the VU remembers it until
+// TakePartial, for the agent to report (Table 8-1 row 3).
+func (v *VU) fenced(what string, errs []error) error {
+	var fe error
+	reached := false
+	for _, err := range errs {
+		switch {
+		case err == nil:
+			reached = true
+		case errors.Is(err, device.ErrFenced):
+			fe = err
+		}
+	}
+	if fe == nil {
+		return nil
+	}
+	if reached && what != "flush" {
+		v.partial.Store(true)
+	}
+	return fmt.Errorf("vu %s: %s: %w", v.name, what, fe)
+}
+
+// TakePartial reports, once, whether a write reached only some members
+// because the lease refused the others.
+func (v *VU) TakePartial() bool { return v.partial.Swap(false) }
+
+// MarkPartial remembers a partial write again (its report failed).
+func (v *VU) MarkPartial() { v.partial.Store(true) }
 
 // TryWriteAt serves a write (without FUA) at once, on the caller's
 // goroutine, when nothing in it has to wait: the gate admits it without
@@ -637,6 +673,10 @@ func (v *VU) ReadAt(p []byte, off int64) error {
 			}
 			return nil
 		}
+		if errors.Is(err, device.ErrFenced) {
+			// No member is at fault, and no other member may be read.
+			return fmt.Errorf("vu %s: read [%d, +%d): %w", v.name, off, len(p), err)
+		}
 		v.log.Warn().Str("vu", v.name).Str("member", m.dev.Path()).Int64("off", off).Int("len", len(p)).Err(err).Msg("read error; trying another member")
 		if firstErr == nil {
 			firstErr = err
@@ -708,6 +748,9 @@ func (v *VU) repair(m *member, good []byte, off int64) {
 		return
 	}
 	if _, err := m.dev.WriteAt(fresh, off); err != nil {
+		if errors.Is(err, device.ErrFenced) {
+			return // the member keeps its bad block; a merge repairs it
+		}
 		_ = v.expelMember(m, fmt.Errorf("repair write after a read error: %w", err))
 		return
 	}
@@ -754,6 +797,10 @@ func (v *VU) mergeRead(p []byte, off int64, master string) error {
 		// The master read succeeded, so expelling a member that cannot
 		// take its data never removes the last good copy.
 		if _, err := m.dev.WriteAt(p, off); err != nil {
+			if errors.Is(err, device.ErrFenced) {
+				v.partial.Store(true)
+				return fmt.Errorf("vu %s: merge-time write: %w", v.name, err)
+			}
 			if xerr := v.expelMember(m, fmt.Errorf("merge-time write: %w", err)); xerr != nil {
 				return xerr
 			}
