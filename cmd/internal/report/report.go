@@ -154,7 +154,30 @@ func FormatShow(r ShowReport, full bool) string {
 			} else {
 				tags = append(tags, "non-voter")
 			}
-			fmt.Fprintf(&b, "  Host %-12s %-7s %s\n", h.Host, h.State, strings.Join(tags, ","))
+			lease := ""
+			if h.Lease != "" {
+				lease = "lease " + h.Lease
+				if h.LeaseLeftMs != nil && h.Lease == "valid" {
+					lease += fmt.Sprintf(" (%d ms left)", *h.LeaseLeftMs)
+				}
+			}
+			fmt.Fprintf(&b, "  Host %-12s %-7s %-22s %s\n", h.Host, h.State, strings.Join(tags, ","), lease)
+		}
+		quorum := "yes"
+		if !c.Quorum {
+			quorum = "NO"
+		}
+		auth := "mutual TLS (cluster key)"
+		if !c.Authenticated {
+			auth = "NOT authenticated"
+		}
+		fmt.Fprintf(&b, "  Quorum: %s   On no quorum: %s   Transport: %s   Recovery delay: %d ms\n", quorum, c.OnNoQuorum, auth, c.RecoveryDelayMs)
+		if f := c.Fence; f != nil {
+			fmt.Fprintf(&b, "  Fencing: lease %d ms, watchdog %d ms (pid %d), needs a recovery delay of %d ms; member I/O outstanding %d, waited %d, refused %d; lapses %d\n",
+				f.LeaseMs, f.WatchdogMs, f.WatchdogPID, f.RequiredDelayMs, f.Outstanding, f.Waited, f.Refused, f.Lapses)
+			if f.LastFenced != "" {
+				fmt.Fprintf(&b, "  Fenced: %s\n", f.LastFenced)
+			}
 		}
 		for _, w := range c.Warnings {
 			fmt.Fprintf(&b, "  WARNING: %s\n", w)
