@@ -69,8 +69,12 @@ func (c LeaseConfig) RequiredDelay() time.Duration {
 }
 
 // lapseAfter is how long the leader waits, from applying a host's last
-// renewal, before it takes the lease for lapsed.
-func (c LeaseConfig) lapseAfter() time.Duration { return drifted(c.Lease) + LeaseMargin }
+// renewal, before it takes the lease for lapsed and the host for failed:
+// at least L(1+ρ)² + margin, when the lease has surely lapsed, and 2L so
+// that a host stalled a little longer than its lease (a pause, a slow
+// disk) gets it back instead of being failed. Waiting longer is safe: the
+// recovery delay counts from the failure entry.
+func (c LeaseConfig) lapseAfter() time.Duration { return max(drifted(c.Lease)+LeaseMargin, 2*c.Lease) }
 
 // RenewEvery is how often a host renews: four tries per lease, so that
 // one slow commit does not lapse it.

@@ -343,6 +343,9 @@ func (d *osDevice) write(op string, p []byte, off int64, do func([]byte, int64) 
 		return 0, err
 	}
 	defer d.exit()
+	if d.fence != nil {
+		testPark(d.path, off, int64(len(p)))
+	}
 	n, err := do(p, off)
 	if err != nil {
 		return n, d.fail(op, fmt.Errorf("%s at %d+%d: %w", op, off, len(p), err))
