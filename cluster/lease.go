@@ -255,6 +255,9 @@ func (l *Log) checkLeaseDelay(d time.Duration) error {
 // lapsed returns the hosts (and runs) whose leases the leader sees lapsed.
 func (l *Log) lapsed() map[string]uint64 {
 	out := map[string]uint64{}
+	if l.level < LevelLeases {
+		return out
+	}
 	now := time.Now()
 	for h, c := range l.leases {
 		inc := l.incs[h]

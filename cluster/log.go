@@ -101,6 +101,10 @@ type entry struct {
 	// every lease, its own included).
 	Lease *LeaseConfig `json:"lease,omitempty"`
 	Delay int64        `json:"delay,omitempty"`
+	// Supports, on an incarnation: the core level the host's build runs
+	// (level.go). C, on every entry: the proposer's build level.
+	Supports int `json:"sup,omitempty"`
+	C        int `json:"c,omitempty"`
 }
 
 // doneIDs are the IDs of the proposals of one run of a host that the log
@@ -140,6 +144,8 @@ type Hooks struct {
 	Applied func(ev shadowset.Event, origin string, rd shadowset.Ready)
 	// Window receives a set's new window, or nil when it closes.
 	Window func(set string, w *Window)
+	// Level receives the cluster's new core level (level.go).
+	Level func(level int)
 }
 
 // Log is the cluster's ordered event log: the shadowset core as raft's
@@ -194,6 +200,11 @@ type Log struct {
 	renewSent     map[uint64]int64
 	fenced        bool
 	registerDelay time.Duration
+
+	// level is the cluster's core level and supports each registered
+	// host's (replicated: level.go).
+	level    int
+	supports map[string]int
 }
 
 // Incarnation is the run of this host's agent the log belongs to.
@@ -220,7 +231,8 @@ func (l *Log) idBytes() []byte {
 func NewLog(host string, inc uint64, hooks Hooks) *Log {
 	l := &Log{host: host, core: shadowset.New(), incs: map[string]uint64{}, windows: map[string]*Window{},
 		hooks: hooks, changed: make(chan struct{}), timers: map[time.Duration]*time.Timer{}, registered: map[string]time.Time{}, done: map[string]*doneIDs{},
-		leases: map[string]LeaseConfig{}, lastRenew: map[string]uint64{}, renewedAt: map[string]time.Time{}}
+		leases: map[string]LeaseConfig{}, lastRenew: map[string]uint64{}, renewedAt: map[string]time.Time{},
+		level: 1, supports: map[string]int{}}
 	l.inc.Store(inc)
 	return l
 }
@@ -249,7 +261,7 @@ func (l *Log) Attach(n *Node) { l.node = n }
 
 // Register declares this incarnation: the first entry of every agent run.
 func (l *Log) Register(ctx context.Context, witness bool) error {
-	e := entry{Type: entryIncarnation, Witness: witness}
+	e := entry{Type: entryIncarnation, Witness: witness, Supports: CoreLevel()}
 	l.mu.Lock()
 	if l.leaseHooks.Now != nil && !witness {
 		c := l.leaseCfg
@@ -310,7 +322,7 @@ func (l *Log) proposeWithID(ctx context.Context, e entry, id uint64) error {
 		return ErrClosed
 	}
 	e.ID = id
-	e.V, e.Host, e.Inc = entryVersion, l.host, l.inc.Load()
+	e.V, e.Host, e.Inc, e.C = entryVersion, l.host, l.inc.Load(), CoreLevel()
 	b, err := json.Marshal(e)
 	if err != nil {
 		return err
@@ -375,6 +387,7 @@ func (l *Log) Apply(index uint64, data []byte) (err error) {
 			}
 		}
 		l.incs[e.Host] = 0
+		l.raiseLevel()
 		return nil
 	case entryEvent:
 		if e.Ev == nil {
@@ -402,6 +415,9 @@ func (l *Log) Apply(index uint64, data []byte) (err error) {
 		}
 		return nil
 	case entryRenew:
+		if l.level < LevelLeases {
+			return fmt.Errorf("%w: leases are off until every host runs core level %d (the cluster runs %d)", shadowset.ErrBadEvent, LevelLeases, l.level)
+		}
 		return l.applyRenew(e)
 	case entryWindow:
 		return l.applyWindow(e)
@@ -470,8 +486,14 @@ func (l *Log) applyIncarnation(e entry) (err error) {
 			}
 			l.live = wasLive
 			delete(l.registered, e.Host)
+			return
 		}
+		l.supports[e.Host] = max(e.Supports, 1)
+		l.raiseLevel()
 	}()
+	if err := l.checkLevel(e); err != nil {
+		return err
+	}
 	prevLease, hadLease := l.leases[e.Host]
 	defer func() {
 		if err != nil {
@@ -984,6 +1006,9 @@ type logSnapshot struct {
 	Done      map[string]*doneIDs    `json:"done,omitempty"`
 	Leases    map[string]LeaseConfig `json:"leases,omitempty"`
 	LastRenew map[string]uint64      `json:"last_renew,omitempty"`
+	// Level is the cluster's core level, Supports each host's build's.
+	Level    int            `json:"level,omitempty"`
+	Supports map[string]int `json:"supports,omitempty"`
 }
 
 // Snapshot implements StateMachine.
@@ -994,7 +1019,7 @@ func (l *Log) Snapshot() ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	return json.Marshal(logSnapshot{V: entryVersion, ID: l.idBytes(), Core: c, Incs: l.incs, Windows: l.windows, Seq: l.seq, History: l.history, Slots: l.slots, Done: l.done, Leases: l.leases, LastRenew: l.lastRenew})
+	return json.Marshal(logSnapshot{V: entryVersion, ID: l.idBytes(), Core: c, Incs: l.incs, Windows: l.windows, Seq: l.seq, History: l.history, Slots: l.slots, Done: l.done, Leases: l.leases, LastRenew: l.lastRenew, Level: l.level, Supports: l.supports})
 }
 
 // Restore implements StateMachine.
@@ -1033,6 +1058,10 @@ func (l *Log) Restore(b []byte) error {
 	now := time.Now()
 	for h := range l.leases {
 		l.renewedAt[h] = now
+	}
+	l.level, l.supports = max(s.Level, 1), s.Supports
+	if l.supports == nil {
+		l.supports = map[string]int{}
 	}
 	l.done = s.Done
 	if l.done == nil {

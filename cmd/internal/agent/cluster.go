@@ -55,7 +55,7 @@ const WindowSize = 16 << 20
 // first entry, which fails the previous run if the log still has it up.
 func (a *Agent) startCluster() error {
 	cc := a.cfg.Cluster
-	a.clog = cluster.NewLog(a.host, newIncarnation(), cluster.Hooks{Applied: a.applyCluster, Window: a.onWindow})
+	a.clog = cluster.NewLog(a.host, newIncarnation(), cluster.Hooks{Applied: a.applyCluster, Window: a.onWindow, Level: a.onLevel})
 	if err := a.startLease(); err != nil {
 		return err
 	}

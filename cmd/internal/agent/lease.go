@@ -32,8 +32,10 @@ func newIncarnation() uint64 {
 // registration that carries its configuration.
 func (a *Agent) startLease() error {
 	cc := a.cfg.Cluster
-	if cc.Witness || cc.Lease.Lease <= 0 {
-		return nil // a witness does no member I/O; 0: fencing off (benchmarks)
+	if cc.Witness || cc.Lease.Lease <= 0 || cluster.CoreLevel() < cluster.LevelLeases {
+		// A witness does no member I/O; 0: fencing off (benchmarks); a
+		// build below the lease level has none.
+		return nil
 	}
 	if err := cc.Lease.Check(cc.Timing); err != nil {
 		return err
@@ -50,26 +52,51 @@ func (a *Agent) startLease() error {
 }
 
 // holdLease starts renewing and waits for the first lease: until then no
-// member I/O may be done, mounts included.
+// member I/O may be done, mounts included. In a cluster whose level has no
+// leases yet (a rolling upgrade under way) it waits for nothing: the
+// renewals start when the level switches (onLevel).
 func (a *Agent) holdLease(ctx context.Context) error {
-	if a.gate == nil {
+	if a.gate == nil || a.clog.Level() < cluster.LevelLeases {
 		return nil
 	}
-	rctx, cancel := context.WithCancel(context.Background())
-	a.renewStop = cancel
-	a.wg.Go(func() { a.clog.RenewLoop(rctx) })
+	a.startRenewals()
 	if err := a.gate.WaitValid(ctx); err != nil {
 		return fmt.Errorf("agent: first lease: %w", err)
 	}
 	return nil
 }
 
+// startRenewals starts this run's renewal loop, once.
+func (a *Agent) startRenewals() {
+	a.fenceMu.Lock()
+	defer a.fenceMu.Unlock()
+	if a.renewStop != nil {
+		return
+	}
+	a.gate.Enforce()
+	rctx, cancel := context.WithCancel(context.Background())
+	a.renewStop = cancel
+	a.wg.Go(func() { a.clog.RenewLoop(rctx) })
+}
+
+// onLevel hears the cluster's core level change (under the log's lock):
+// at the lease level, member I/O needs a lease from this entry on.
+func (a *Agent) onLevel(level int) {
+	a.log.Info().Int("core_level", level).Msg("cluster core level raised")
+	if level >= cluster.LevelLeases && a.gate != nil {
+		a.gate.Enforce()
+		go a.startRenewals()
+	}
+}
+
 // stopLease ends the renewals and the watchdog (after the last member
 // I/O of a clean stop, or when startup failed).
 func (a *Agent) stopLease() {
+	a.fenceMu.Lock()
 	if a.renewStop != nil {
 		a.renewStop()
 	}
+	a.fenceMu.Unlock()
 	if a.watchdog != nil {
 		a.watchdog.Stop()
 	}
@@ -124,9 +151,12 @@ func (a *Agent) afterFenced(rejoin bool) {
 	if !rejoin || a.ctx.Err() != nil {
 		return
 	}
+	a.fenceMu.Lock()
 	if a.renewStop != nil {
 		a.renewStop()
+		a.renewStop = nil
 	}
+	a.fenceMu.Unlock()
 	inc := newIncarnation()
 	a.gate.Reset()
 	a.clog.Reincarnate(inc)
@@ -169,6 +199,10 @@ func (a *Agent) reportPartialWrites() {
 func (a *Agent) leaseShow(cs *report.ClusterShow) {
 	cc := a.cfg.Cluster
 	cs.OnNoQuorum = cc.OnNoQuorum.String()
+	cs.CoreLevel, cs.BuildLevel, cs.Behind = a.clog.Level(), cluster.CoreLevel(), a.clog.Behind()
+	if len(cs.Behind) > 0 {
+		cs.Warnings = append(cs.Warnings, fmt.Sprintf("rolling upgrade under way: hosts %v run an older core level; level %d switches on when they run this build", cs.Behind, cluster.CoreLevel()))
+	}
 	cs.Authenticated = a.node.Authenticated()
 	if !cs.Authenticated {
 		cs.Warnings = append(cs.Warnings, "the cluster's transports are not authenticated (no --gossip-key-file): any local process can speak raft")
@@ -205,6 +239,8 @@ func (a *Agent) leaseShow(cs *report.ClusterShow) {
 		}
 		v, ok := byHost[h.Host]
 		switch {
+		case cs.CoreLevel < cluster.LevelLeases:
+			h.Lease = "off"
 		case !ok:
 			h.Lease = "none"
 		case h.State == "failed":

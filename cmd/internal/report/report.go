@@ -171,7 +171,7 @@ func FormatShow(r ShowReport, full bool) string {
 		if !c.Authenticated {
 			auth = "NOT authenticated"
 		}
-		fmt.Fprintf(&b, "  Quorum: %s   On no quorum: %s   Transport: %s   Recovery delay: %d ms\n", quorum, c.OnNoQuorum, auth, c.RecoveryDelayMs)
+		fmt.Fprintf(&b, "  Quorum: %s   On no quorum: %s   Transport: %s   Recovery delay: %d ms   Core level: %d (this build %d)\n", quorum, c.OnNoQuorum, auth, c.RecoveryDelayMs, c.CoreLevel, c.BuildLevel)
 		if f := c.Fence; f != nil {
 			fmt.Fprintf(&b, "  Fencing: lease %d ms, watchdog %d ms (pid %d), needs a recovery delay of %d ms; member I/O outstanding %d, waited %d, refused %d; lapses %d\n",
 				f.LeaseMs, f.WatchdogMs, f.WatchdogPID, f.RequiredDelayMs, f.Outstanding, f.Waited, f.Refused, f.Lapses)
@@ -330,6 +330,11 @@ type ClusterShow struct {
 	// keyed by the cluster key.
 	Authenticated   bool  `json:"transport_authenticated"`
 	RecoveryDelayMs int64 `json:"recovery_delay_ms"`
+	// CoreLevel is the cluster's core level (rolling upgrades), BuildLevel
+	// this host's build's; Behind lists the hosts below BuildLevel.
+	CoreLevel  int      `json:"core_level"`
+	BuildLevel int      `json:"build_level"`
+	Behind     []string `json:"behind,omitempty"`
 	// Fence is this host's lease and watchdog (absent: no lease, as on a
 	// witness).
 	Fence *FenceShow `json:"fence,omitempty"`
