@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/rs/zerolog"
+	"github.com/shadow-project/shadow/cmd/internal/device"
 )
 
 // memDev is an in-memory member with injectable failures.
@@ -370,5 +371,43 @@ func TestFlushGateSeesOutcome(t *testing.T) {
 	}
 	if len(g.flushes) != 1 || !g.flushes[0] {
 		t.Fatalf("flush gate outcomes %v; want [true]", g.flushes)
+	}
+}
+
+// A member I/O the lease refused blames no member: nothing is expelled,
+// the request fails, and a write that reached some members is reported.
+func TestFencedIOExpelsNobody(t *testing.T) {
+	a, b := newMem("/a", size), newMem("/b", size)
+	fenced := fmt.Errorf("fence: no valid lease: %w", device.ErrFenced)
+	expelled := 0
+	v := newVU(t, func(string, error) error { expelled++; return nil }, a, b)
+	b.failWrite = func(int64) error { return fenced }
+	err := v.WriteAt(bytes.Repeat([]byte{7}, 4096), 0, false)
+	if !errors.Is(err, device.ErrFenced) {
+		t.Fatalf("write with one member fenced: %v, want ErrFenced", err)
+	}
+	if expelled != 0 || len(v.Members()) != 2 {
+		t.Fatalf("expelled %d, members %d: a fenced write must blame no member", expelled, len(v.Members()))
+	}
+	if !v.TakePartial() || v.TakePartial() {
+		t.Fatal("a write that reached /a only must be reported once as partial")
+	}
+	// Every member fenced: nothing reached, nothing partial.
+	a.failWrite = func(int64) error { return fenced }
+	if err := v.WriteAt(make([]byte, 4096), 0, false); !errors.Is(err, device.ErrFenced) {
+		t.Fatalf("write with every member fenced: %v", err)
+	}
+	if v.TakePartial() {
+		t.Fatal("a write that reached no member is not partial")
+	}
+	// Reads: fenced on the first member tried, the read fails without
+	// trying (or repairing) another.
+	a.failRead = func(int64) error { return fenced }
+	b.failRead = func(int64) error { return fenced }
+	if err := v.ReadAt(make([]byte, 4096), 0); !errors.Is(err, device.ErrFenced) {
+		t.Fatalf("read while fenced: %v", err)
+	}
+	if expelled != 0 || len(v.Members()) != 2 {
+		t.Fatalf("a fenced read expelled: %d", expelled)
 	}
 }
