@@ -120,10 +120,17 @@ func (c *testCluster) addWitness(name string) *cnode { return c.addWitnessWith(n
 
 // newClusterPer is newCluster with flags per host.
 func newClusterPer(t *testing.T, delay time.Duration, names []string, per map[string][]string) *testCluster {
+	return newClusterBin(t, delay, names, per, "")
+}
+
+// newClusterBin is newClusterPer with every agent run from bin (empty:
+// shadowBin).
+func newClusterBin(t *testing.T, delay time.Duration, names []string, per map[string][]string, bin string) *testCluster {
 	t.Helper()
 	c := &testCluster{t: t, dir: t.TempDir(), delay: delay}
 	for i, n := range names {
 		nd := &cnode{host: newHost(t), name: n, gossip: fmt.Sprintf("127.0.0.1:%d", freeGossipPort(t)), extra: per[n]}
+		nd.bin = bin
 		nd.state = nd.dir + "/state"
 		c.nodes = append(c.nodes, nd)
 		var join []string

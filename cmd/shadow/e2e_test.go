@@ -113,6 +113,8 @@ type host struct {
 	nbdSock string
 	cmd     *exec.Cmd
 	log     *bytes.Buffer
+	// bin is the agent's binary (empty: shadowBin).
+	bin string
 }
 
 func newHost(t *testing.T) *host {
@@ -139,7 +141,11 @@ func lastLines(s string, n int) string {
 func (h *host) start(extra ...string) {
 	h.t.Helper()
 	args := append([]string{"agent", "--socket", h.sock, "--nbd-unix", h.nbdSock, "--nbd-listen", "", "--clean-after", "1s"}, extra...)
-	h.cmd = exec.Command(shadowBin, args...)
+	bin := shadowBin
+	if h.bin != "" {
+		bin = h.bin
+	}
+	h.cmd = exec.Command(bin, args...)
 	h.log = &bytes.Buffer{}
 	h.cmd.Stdout, h.cmd.Stderr = h.log, h.log
 	if err := h.cmd.Start(); err != nil {
