@@ -58,8 +58,8 @@ func (n *Node) AppliedIndex() uint64 {
 }
 
 // askApplied asks one host to confirm it has applied index.
-func askApplied(addr string, index uint64) error {
-	c, err := dialStream(addr, streamApplied, 2*time.Second)
+func (n *Node) askApplied(addr string, index uint64) error {
+	c, err := n.dial(addr, streamApplied, 2*time.Second)
 	if err != nil {
 		return err
 	}
@@ -110,7 +110,7 @@ func (l *Log) InForce(ctx context.Context, set string) error {
 				failed = append(failed, h)
 				continue
 			}
-			if err := askApplied(alive[i].Raft, index); err != nil {
+			if err := l.node.askApplied(alive[i].Raft, index); err != nil {
 				failed = append(failed, fmt.Sprintf("%s (%v)", h, err))
 			}
 		}
@@ -182,7 +182,7 @@ func (n *Node) sendAck(host string, req ackRequest) error {
 	if addr == "" {
 		return fmt.Errorf("cluster: %s is not alive", host)
 	}
-	c, err := dialStream(addr, streamAck, 2*time.Second)
+	c, err := n.dial(addr, streamAck, 2*time.Second)
 	if err != nil {
 		return err
 	}

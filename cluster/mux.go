@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"sync"
 	"time"
@@ -28,7 +27,9 @@ const (
 // mux accepts connections on the cluster's TCP port and sorts them by
 // their first byte.
 type mux struct {
-	ln      net.Listener
+	ln net.Listener
+	// tr authenticates every connection (nil: plaintext).
+	tr      *transport
 	raftCh  chan net.Conn
 	forward func(net.Conn)
 	// applied serves streamApplied, ack streamAck (nil closes such
@@ -40,6 +41,12 @@ type mux struct {
 }
 
 func newMux(addr string, forward func(net.Conn), applied ...func(net.Conn)) (*mux, error) {
+	return newMuxTransport(addr, nil, forward, applied...)
+}
+
+// newMuxTransport is newMux whose connections are authenticated by tr
+// (nil: plaintext).
+func newMuxTransport(addr string, tr *transport, forward func(net.Conn), applied ...func(net.Conn)) (*mux, error) {
 	if err := CheckLoopback(addr); err != nil {
 		return nil, err
 	}
@@ -47,7 +54,7 @@ func newMux(addr string, forward func(net.Conn), applied ...func(net.Conn)) (*mu
 	if err != nil {
 		return nil, fmt.Errorf("cluster: listen %s: %w", addr, err)
 	}
-	m := &mux{ln: ln, raftCh: make(chan net.Conn, 16), forward: forward, closed: make(chan struct{})}
+	m := &mux{ln: ln, tr: tr, raftCh: make(chan net.Conn, 16), forward: forward, closed: make(chan struct{})}
 	if len(applied) > 0 {
 		m.applied = applied[0]
 	}
@@ -65,14 +72,13 @@ func (m *mux) accept() {
 			return
 		}
 		go func() {
-			_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-			var b [1]byte
-			if _, err := io.ReadFull(c, b[:]); err != nil {
-				c.Close()
+			// The handshake (with a key) and the kind byte within 5 s: a
+			// silent peer cannot hold this goroutine.
+			c, kind, err := m.tr.accept(c)
+			if err != nil {
 				return
 			}
-			_ = c.SetReadDeadline(time.Time{})
-			switch b[0] {
+			switch kind {
 			case streamRaft:
 				select {
 				case m.raftCh <- c:
@@ -122,23 +128,16 @@ func (l raftLayer) Accept() (net.Conn, error) {
 func (l raftLayer) Close() error   { l.m.close(); return nil }
 func (l raftLayer) Addr() net.Addr { return l.m.ln.Addr() }
 
+// Dial returns the connection raft's transport pools: with a key, the TLS
+// connection, its 'R' already written inside it.
 func (l raftLayer) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
-	return dialStream(string(addr), streamRaft, timeout)
+	return l.m.tr.dial(string(addr), streamRaft, timeout)
 }
 
+// dialStream opens a plaintext stream (a cluster without a key); a Node
+// dials through Node.dial, which uses its key.
 func dialStream(addr string, kind byte, timeout time.Duration) (net.Conn, error) {
-	if err := CheckLoopback(addr); err != nil {
-		return nil, err
-	}
-	c, err := net.DialTimeout("tcp", addr, timeout)
-	if err != nil {
-		return nil, err
-	}
-	if _, err := c.Write([]byte{kind}); err != nil {
-		c.Close()
-		return nil, err
-	}
-	return c, nil
+	return (*transport)(nil).dial(addr, kind, timeout)
 }
 
 // forwardRequest is a proposal a host sends to the leader (or to a peer
@@ -162,8 +161,8 @@ type forwardReply struct {
 	Refused bool `json:"refused,omitempty"`
 }
 
-func callForward(addr string, req forwardRequest, timeout time.Duration) (forwardReply, error) {
-	c, err := dialStream(addr, streamForward, timeout)
+func callForward(tr *transport, addr string, req forwardRequest, timeout time.Duration) (forwardReply, error) {
+	c, err := tr.dial(addr, streamForward, timeout)
 	if err != nil {
 		return forwardReply{}, err
 	}

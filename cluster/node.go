@@ -39,6 +39,10 @@ var (
 // non-voters. Five voters survive two failures; more only slow commits.
 const MaxVoters = 5
 
+// MinVoters: the leader removes a failed voter without a replacement only
+// while this many voters remain; three survive one failure.
+const MinVoters = 3
+
 // Timing is failure detection and election, as flags. The defaults suit
 // loopback and a quiet LAN: a SIGKILLed host is declared failed within
 // about 2 s. On a real LAN with busy hosts, multiply them (memberlist's
@@ -73,7 +77,10 @@ type NodeConfig struct {
 	StateDir string
 	// Witness: a voter that mounts nothing.
 	Witness bool
-	// GossipKey encrypts gossip (16, 24 or 32 bytes); nil: none.
+	// GossipKey encrypts gossip (16, 24 or 32 bytes) and authenticates
+	// the cluster port (mutual TLS keyed by it: transport.go); nil: gossip
+	// in the clear and the cluster port plaintext, open to any local
+	// process.
 	GossipKey []byte
 	Timing    Timing
 	Logger    zerolog.Logger
@@ -130,11 +137,13 @@ type incarnated interface{ Incarnation() uint64 }
 // Node is this host's membership in the cluster: gossip, raft, and the
 // forwarding of proposals to the leader.
 type Node struct {
-	cfg   NodeConfig
-	log   zerolog.Logger
-	ml    *memberlist.Memberlist
-	raft  *raft.Raft
-	mux   *mux
+	cfg  NodeConfig
+	log  zerolog.Logger
+	ml   *memberlist.Memberlist
+	raft *raft.Raft
+	mux  *mux
+	// tr authenticates the cluster port (nil: no key, plaintext).
+	tr    *transport
 	store *raftboltdb.BoltStore
 	meta  []byte
 	self  Peer
@@ -148,6 +157,10 @@ type Node struct {
 	stop   chan struct{}
 	done   sync.WaitGroup
 	closed sync.Once
+
+	// voterGone: since when each voter the leader's reconcile found not
+	// alive has been gone (only the leaderLoop goroutine touches it).
+	voterGone map[string]time.Time
 
 	// members is gossip's view, kept from its events (which memberlist
 	// delivers under its own lock): memberlist's Members() hands out
@@ -191,6 +204,13 @@ func Start(cfg NodeConfig) (*Node, error) {
 	n := &Node{cfg: cfg, log: cfg.Logger.With().Str("component", "cluster").Logger(), events: make(chan struct{}, 1), stop: make(chan struct{})}
 	n.applied.cond = make(chan struct{})
 	n.members.alive, n.members.gone = map[string]Peer{}, map[string]departure{}
+	n.voterGone = map[string]time.Time{}
+	if k := len(cfg.GossipKey); k != 0 && k != 16 && k != 24 && k != 32 {
+		return nil, fmt.Errorf("cluster: gossip key of %d bytes: need 16, 24 or 32", k)
+	}
+	if n.tr, err = newTransport(cfg.GossipKey, n.log); err != nil {
+		return nil, err
+	}
 	raftAddr := net.JoinHostPort(host, strconv.Itoa(port+1))
 	var inc uint64
 	if ic, ok := cfg.FSM.(incarnated); ok {
@@ -199,7 +219,7 @@ func Start(cfg NodeConfig) (*Node, error) {
 	n.self = Peer{Host: cfg.Host, Gossip: cfg.Listen, Raft: raftAddr, Witness: cfg.Witness, Inc: inc}
 	n.meta, _ = json.Marshal(nodeMeta{Raft: raftAddr, Witness: cfg.Witness, Version: 1, Inc: inc})
 
-	if n.mux, err = newMux(raftAddr, n.serveForward, n.serveApplied, n.serveAck); err != nil {
+	if n.mux, err = newMuxTransport(raftAddr, n.tr, n.serveForward, n.serveApplied, n.serveAck); err != nil {
 		return nil, err
 	}
 	fail := func(err error) (*Node, error) { n.shutdownAll(); return nil, err }
@@ -417,6 +437,17 @@ func cmpString(a, b string) int {
 	return 0
 }
 
+// Authenticated reports whether the cluster port is mutual TLS keyed by
+// the cluster key (a key is configured); false: plaintext, and any local
+// process can speak raft, forward proposals and ack windows.
+func (n *Node) Authenticated() bool { return n.tr != nil }
+
+// dial opens a stream of the given kind to a host's cluster port, over
+// TLS when the cluster has a key.
+func (n *Node) dial(addr string, kind byte, timeout time.Duration) (net.Conn, error) {
+	return n.tr.dial(addr, kind, timeout)
+}
+
 // Leader returns the leader's host name ("" if none is known).
 func (n *Node) Leader() string {
 	_, id := n.raft.LeaderWithID()
@@ -512,8 +543,97 @@ func (n *Node) reconcile() {
 			n.log.Info().Str("peer", p.Host).Msg("host added to raft")
 		}
 	}
+	n.removeFailedVoters(alive)
 	if n.cfg.Reconciler != nil {
 		n.cfg.Reconciler.Reconcile(alive)
+	}
+}
+
+// voterGrace is how long gossip must have reported a voter gone before
+// the leader takes it out of raft: long enough that a quick restart is
+// not churned.
+func (n *Node) voterGrace() time.Duration { return 10 * n.cfg.Timing.ProbeInterval }
+
+// removeFailedVoters takes out of raft the voters gossip has reported
+// gone for longer than voterGrace: a dead voter still counts toward the
+// quorum, so a cluster of five with two dead ones could not lose a third.
+// A live non-voter is promoted in its place first; without one, the
+// voter is removed only if MinVoters voters remain. The leader itself is
+// never removed. A removed host that comes back is added again by the
+// join path (server IDs are host names).
+func (n *Node) removeFailedVoters(alive []Peer) {
+	f := n.raft.GetConfiguration()
+	if f.Error() != nil {
+		return
+	}
+	servers := f.Configuration().Servers
+	isAlive := func(host string) bool {
+		return slices.ContainsFunc(alive, func(p Peer) bool { return p.Host == host })
+	}
+	voters := 0
+	for _, s := range servers {
+		if s.Suffrage == raft.Voter {
+			voters++
+		}
+	}
+	// Forget voters that are back or no longer voters.
+	for h := range n.voterGone {
+		if isAlive(h) || !slices.ContainsFunc(servers, func(s raft.Server) bool { return string(s.ID) == h && s.Suffrage == raft.Voter }) {
+			delete(n.voterGone, h)
+		}
+	}
+	now := time.Now()
+	for _, s := range servers {
+		host := string(s.ID)
+		if s.Suffrage != raft.Voter || host == n.cfg.Host || isAlive(host) {
+			continue
+		}
+		since, seen := n.voterGone[host]
+		if !seen {
+			// Gossip's report if this host saw it go, otherwise now: a new
+			// leader that never saw the voter alive counts from its own
+			// first look.
+			since = now
+			if d, ok := n.departed(host); ok && d.at.Before(now) {
+				since = d.at
+			}
+			n.voterGone[host] = since
+		}
+		if now.Sub(since) < n.voterGrace() {
+			continue
+		}
+		// A replacement: a live non-voter (by name, so every leader picks
+		// the same one).
+		var repl *Peer
+		for _, p := range alive {
+			if p.Raft != "" && slices.ContainsFunc(servers, func(x raft.Server) bool { return string(x.ID) == p.Host && x.Suffrage != raft.Voter }) {
+				repl = &p
+				break
+			}
+		}
+		if repl != nil {
+			if err := n.raft.AddVoter(raft.ServerID(repl.Host), raft.ServerAddress(repl.Raft), 0, 5*time.Second).Error(); err != nil {
+				n.log.Warn().Err(err).Str("peer", repl.Host).Str("failed", host).Msg("cannot promote a non-voter to replace a failed voter")
+				continue
+			}
+			n.log.Info().Str("peer", repl.Host).Str("failed", host).Msg("non-voter promoted to replace a failed voter")
+			voters++
+		} else if voters-1 < MinVoters {
+			continue
+		}
+		if err := n.raft.RemoveServer(s.ID, 0, 5*time.Second).Error(); err != nil {
+			n.log.Warn().Err(err).Str("peer", host).Msg("cannot remove a failed voter from raft")
+			continue
+		}
+		voters--
+		delete(n.voterGone, host)
+		ev := n.log.Warn().Str("peer", host).Dur("gone_for", now.Sub(since).Round(time.Millisecond)).Int("voters", voters)
+		if repl != nil {
+			ev = ev.Str("replaced_by", repl.Host)
+		}
+		ev.Msg("failed voter removed from raft")
+		// The configuration changed: the next reconcile looks again.
+		return
 	}
 }
 
@@ -589,7 +709,7 @@ func (n *Node) propose(req forwardRequest, timeout time.Duration) (forwardReply,
 	}
 	var lastErr error = ErrNoLeader
 	for _, t := range targets {
-		rep, err := callForward(t, req, timeout)
+		rep, err := callForward(n.tr, t, req, timeout)
 		if err != nil {
 			lastErr = err
 			continue
