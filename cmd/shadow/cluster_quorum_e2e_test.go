@@ -12,7 +12,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
+	"net"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -63,7 +66,12 @@ func (nd *cnode) tryEvents() (string, int, error) {
 
 // exited reports whether a background command has ended (and how) within
 // d, without failing the test.
-func exited(cmd *exec.Cmd, done <-chan error, d time.Duration) (bool, error) {
+func exited(done <-chan error, d time.Duration) (bool, error) {
+	select {
+	case err := <-done:
+		return true, err
+	default:
+	}
 	select {
 	case err := <-done:
 		return true, err
@@ -234,11 +242,11 @@ func quorumLost(t *testing.T, round int, policy string) {
 		t.Fatalf("A's event log without quorum: %v", err)
 	}
 	// A write issued through A now.
-	probe, probeDone := startWatched(t, "fio", fioArgs("probe", a.uri("DSA1"), "56m", "1m", "--verify=crc32c", "--do_verify=1",
+	_, probeDone := startWatched(t, "fio", fioArgs("probe", a.uri("DSA1"), "56m", "1m", "--verify=crc32c", "--do_verify=1",
 		"--randseed="+seed)...)
 	probeAt := time.Now()
 	if !suspend {
-		ok, err := exited(probe, probeDone, 5*time.Second)
+		ok, err := exited(probeDone, 5*time.Second)
 		switch {
 		case !ok:
 			t.Fatalf("with --on-no-quorum io-error, a write through A after its lease lapsed was still pending after 5 s (want a quick error)")
@@ -274,7 +282,7 @@ func quorumLost(t *testing.T, round int, policy string) {
 		}
 	}
 	if suspend {
-		if ok, err := exited(probe, probeDone, 0); ok {
+		if ok, err := exited(probeDone, 0); ok {
 			t.Fatalf("a write through A issued after its lease lapsed completed (%v) within %s, with no quorum", err, time.Since(probeAt).Round(time.Millisecond))
 		}
 		if r := a.show(); r.Cluster.Fence == nil || r.Cluster.Fence.Waited == 0 {
@@ -334,7 +342,7 @@ func quorumLost(t *testing.T, round int, policy string) {
 	t.Logf("after W's restart: quorum and lease on A in %s, B failed in %s", quorumAt.Sub(restartAt).Round(time.Millisecond),
 		failedAt.Sub(restartAt).Round(time.Millisecond))
 	if suspend {
-		ok, err := exited(probe, probeDone, 30*time.Second)
+		ok, err := exited(probeDone, 30*time.Second)
 		if !ok {
 			t.Fatalf("the write through A that waited for quorum did not complete within 30 s of A's quorum returning")
 		}
@@ -399,4 +407,242 @@ func quorumLost(t *testing.T, round int, policy string) {
 	a.mustCLI("dismount", "DSA1")
 	sameData(t, size, ms...)
 	t.Logf("round %d (%s): %s", round, policy, time.Since(began).Round(time.Millisecond))
+}
+
+// portCut drops TCP packets to and from one loopback port with nftables,
+// in a table of this test process's own, deleted when the test ends
+// (even when it fails) or when heal is called.
+type portCut struct {
+	t     *testing.T
+	table string
+	port  int
+}
+
+func cutPort(t *testing.T, port int) *portCut {
+	t.Helper()
+	pc := &portCut{t: t, table: fmt.Sprintf("shadow_test_%d", os.Getpid()), port: port}
+	rules := fmt.Sprintf(`table inet %[1]s {
+	chain in {
+		type filter hook input priority 0; policy accept;
+		iifname "lo" ip daddr 127.0.0.1 tcp dport %[2]d drop
+		iifname "lo" ip saddr 127.0.0.1 tcp sport %[2]d drop
+	}
+}
+`, pc.table, port)
+	p := filepath.Join(t.TempDir(), "cut.nft")
+	if err := os.WriteFile(p, []byte(rules), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pc.heal)
+	mustRun(t, 10*time.Second, "nft", "-f", p)
+	return pc
+}
+
+// heal deletes the table (a no-op once it is gone).
+func (pc *portCut) heal() {
+	if _, err := runCmd(pc.t, 10*time.Second, "nft", "list", "table", "inet", pc.table); err != nil {
+		return // gone
+	}
+	if out, err := runCmd(pc.t, 10*time.Second, "nft", "delete", "table", "inet", pc.table); err != nil {
+		pc.t.Errorf("nft delete table inet %s: %v\n%s", pc.table, err, out)
+	}
+}
+
+// raftPort is a host's cluster (raft) port: its gossip port + 1.
+func (nd *cnode) raftPort(t *testing.T) int {
+	_, p, err := net.SplitHostPort(nd.gossip)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := strconv.Atoi(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n + 1
+}
+
+// TestClusterE2ERaftPortCut: three hosts mount a three-member set; fio
+// writes through A and B (B never the raft leader). An nftables rule
+// drops B's raft port (gossip port + 1) both ways while B's gossip still
+// flows. B's renewals name renewals it never applied and are refused:
+// its lease lapses and its I/O stops completing; the leader records B
+// failed although gossip still sees it; after the recovery delay a
+// survivor merges, and the merge completes. The rule is removed: B learns
+// that it was failed, is fenced (show's last_fenced, its sets dropped,
+// its pending writes failed) and registers as a new run (up again in the
+// hosts list). The survivors dismount; the members are identical and
+// what A's fio acknowledged verifies.
+func TestClusterE2ERaftPortCut(t *testing.T) {
+	requireTools(t, "fio", "nft")
+	const size = 64 << 20
+	delay := 3 * time.Second
+	for round := range repeats(t) {
+		t.Run(fmt.Sprintf("round%d", round), func(t *testing.T) {
+			began := time.Now()
+			c := newCluster(t, delay, []string{"A", "B", "C"}, "--max-rate", strconv.Itoa(32<<20))
+			ms := c.members(3, size)
+			c.mountEverywhere(c.nodes[rand.IntN(3)], "DSA1", ms, nil)
+			leader := c.leader()
+			nl := c.others(leader)
+			b := nl[rand.IntN(2)]
+			rest := c.others(b)
+			rand.Shuffle(2, func(i, j int) { rest[i], rest[j] = rest[j], rest[i] })
+			a, other := rest[0], rest[1]
+			survivors := []*cnode{a, other}
+			// Show lists an engine's completed work on its own host only.
+			merges := func() int {
+				n := 0
+				for _, nd := range survivors {
+					if r, err := nd.tryShow(); err == nil {
+						s, _ := setOf(r, "DSA1")
+						n += completedMerges(s)
+					}
+				}
+				return n
+			}
+			mergesBefore := merges()
+			seed := strconv.Itoa(round + 1)
+			afio := background(t, "fio", fioArgs("a", a.uri("DSA1"), "0", "16m", "--verify=crc32c", "--do_verify=1",
+				"--rate_iops=400", "--randseed="+seed)...)
+			_, bdone := startWatched(t, "fio", fioArgs("b", b.uri("DSA1"), "32m", "16m", "--time_based", "--runtime=90")...)
+			time.Sleep(time.Duration(500+rand.IntN(1500)) * time.Millisecond)
+			port := b.raftPort(t)
+			cut := cutPort(t, port)
+			cutAt := time.Now()
+			t.Logf("cut %s's raft port %d (leader %s, A=%s writes and verifies, %s writes)", b.name, port, leader.name, a.name, b.name)
+
+			// B's lease lapses: its renewals can no longer be applied
+			// there.
+			waitFor(t, 10*time.Second, b.name+"'s lease to lapse", func() (bool, string) {
+				r, err := b.tryShow()
+				if err != nil {
+					return false, err.Error()
+				}
+				own, _ := ownHost(r)
+				return own.Lease == "lapsed" || own.Lease == "fenced", fmt.Sprintf("%+v", own)
+			})
+			t.Logf("%s's lease lapsed %s after the cut", b.name, time.Since(cutAt).Round(time.Millisecond))
+			_, probeDone := startWatched(t, "fio", fioArgs("probe", b.uri("DSA1"), "48m", "1m")...)
+			if ok, err := exited(probeDone, 2*time.Second); ok && err == nil {
+				t.Fatalf("a write through %s issued after its lease lapsed (raft port cut) completed", b.name)
+			}
+			// The leader records B failed, though gossip still sees it.
+			var failedAt time.Time
+			waitFor(t, 15*time.Second, a.name+" to see "+b.name+" failed", func() (bool, string) {
+				r, err := a.tryShow()
+				if err != nil {
+					return false, err.Error()
+				}
+				for _, h := range r.Cluster.Hosts {
+					if h.Host == b.name && h.State == "failed" {
+						if !h.Gossip {
+							t.Errorf("gossip lost %s although only its raft port was cut: %+v", b.name, h)
+						}
+						failedAt = time.Now()
+						return true, ""
+					}
+				}
+				return false, fmt.Sprintf("%+v", r.Cluster.Hosts)
+			})
+			t.Logf("%s failed in %s's view %s after the cut", b.name, a.name, failedAt.Sub(cutAt).Round(time.Millisecond))
+			// No merge within the recovery delay; then one on a survivor.
+			var mergeHost string
+			waitFor(t, delay+30*time.Second, "a merge of DSA1 on a survivor", func() (bool, string) {
+				r, err := a.tryShow()
+				if err != nil {
+					return false, err.Error()
+				}
+				s, _ := setOf(r, "DSA1")
+				for _, op := range s.Ops {
+					if strings.Contains(op.Kind, "merge") && op.State == "running" {
+						if op.Host == b.name {
+							t.Fatalf("the merge runs on %s, the host that was cut off", b.name)
+						}
+						if since := time.Since(failedAt); since < delay-time.Second {
+							t.Fatalf("a merge runs on %s %s after %s's failure was seen, within the recovery delay %s", op.Host, since, b.name, delay)
+						}
+						mergeHost = op.Host
+						return true, ""
+					}
+				}
+				if merges() > mergesBefore {
+					mergeHost = "(completed)"
+					return true, ""
+				}
+				return false, fmt.Sprintf("ops %+v delay left %v", s.Ops, r.DelayLeftMs)
+			})
+			t.Logf("merge on %s seen %s after %s's failure", mergeHost, time.Since(failedAt).Round(time.Millisecond), b.name)
+			for _, nd := range survivors {
+				waitFor(t, 2*time.Minute, "DSA1 idle on "+nd.name, func() (bool, string) {
+					r, err := nd.tryShow()
+					if err != nil {
+						return false, err.Error()
+					}
+					s, _ := setOf(r, "DSA1")
+					return len(s.Ops) == 0, fmt.Sprintf("%+v", s.Ops)
+				})
+			}
+			if merges() <= mergesBefore {
+				t.Fatalf("DSA1 is idle on the survivors, but no merge completed on either after %s's failure", b.name)
+			}
+
+			// Heal: B hears that it was failed, is fenced, drops the set
+			// and comes back as a new run.
+			cut.heal()
+			healAt := time.Now()
+			waitFor(t, 30*time.Second, b.name+" fenced, without DSA1", func() (bool, string) {
+				r, err := b.tryShow()
+				if err != nil {
+					return false, err.Error()
+				}
+				_, mounted := setOf(r, "DSA1")
+				return r.Cluster != nil && r.Cluster.Fence != nil && r.Cluster.Fence.LastFenced != "" && !mounted,
+					fmt.Sprintf("fence %+v, DSA1 mounted %v", r.Cluster.Fence, mounted)
+			})
+			r := b.show()
+			t.Logf("%s fenced: %s", b.name, r.Cluster.Fence.LastFenced)
+			for what, ch := range map[string]<-chan error{"fio": bdone, "the probe write": probeDone} {
+				ok, err := exited(ch, 20*time.Second)
+				if !ok {
+					t.Fatalf("%s through %s still runs 20 s after %s was fenced", what, b.name, b.name)
+				}
+				if err == nil {
+					t.Errorf("%s through %s succeeded, though %s was cut off and fenced", what, b.name, b.name)
+				}
+			}
+			waitFor(t, 30*time.Second, b.name+" up again (a new run) as every host sees it", func() (bool, string) {
+				for _, nd := range c.nodes {
+					r, err := nd.tryShow()
+					if err != nil {
+						return false, err.Error()
+					}
+					if st := hostState(r, b.name); st != "up" {
+						return false, fmt.Sprintf("%s sees %s %s", nd.name, b.name, st)
+					}
+					if s, ok := setOf(r, "DSA1"); ok && slices.Contains(s.Mounted, b.name) {
+						t.Fatalf("%s shows DSA1 still mounted on the fenced %s: %v", nd.name, b.name, s.Mounted)
+					}
+				}
+				return true, ""
+			})
+			t.Logf("%s up again %s after the heal", b.name, time.Since(healAt).Round(time.Millisecond))
+			if err := waitCmd(t, afio, 2*time.Minute, "fio writing through "+a.name); err != nil {
+				t.Fatalf("fio writing and verifying through %s across the cut failed: %v", a.name, err)
+			}
+			mustRun(t, time.Minute, "fio", fioArgs("a", a.uri("DSA1"), "0", "16m", "--verify=crc32c", "--verify_only", "--randseed="+seed)...)
+			for _, nd := range survivors {
+				if n := falseFailures(nd); n > 1 {
+					t.Errorf("%s recorded %d host failures, want at most %s's", nd.name, n, b.name)
+				}
+				if bad := metaSyncErrors(nd); len(bad) != 0 {
+					t.Errorf("%s could not record the log's state in the metadata: %v", nd.name, bad)
+				}
+			}
+			for _, nd := range survivors {
+				nd.mustCLI("dismount", "DSA1")
+			}
+			sameData(t, size, ms...)
+			t.Logf("round %d: %s", round, time.Since(began).Round(time.Millisecond))
+		})
+	}
 }
