@@ -9,6 +9,8 @@ package main
 
 import (
 	"bytes"
+	crand "crypto/rand"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"math/rand/v2"
@@ -19,6 +21,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -642,6 +645,90 @@ func TestClusterE2ERaftPortCut(t *testing.T) {
 				nd.mustCLI("dismount", "DSA1")
 			}
 			sameData(t, size, ms...)
+			t.Logf("round %d: %s", round, time.Since(began).Round(time.Millisecond))
+		})
+	}
+}
+
+// gossipKeyFile writes a random 32-byte cluster key (base64) and returns
+// its path.
+func gossipKeyFile(t *testing.T) string {
+	t.Helper()
+	k := make([]byte, 32)
+	if _, err := crand.Read(k); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(t.TempDir(), "gossip.key")
+	if err := os.WriteFile(p, []byte(base64.StdEncoding.EncodeToString(k)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// TestClusterE2EStrangerNeverVoter: a cluster keyed by a gossip key (its
+// raft port mutual TLS under that key). Two agents try to --join it: one
+// with another key, one with none. For 5 s, neither ever appears in the
+// leader's raft configuration (raft_servers) nor in any host's hosts
+// list, whether the stranger gives up or keeps trying. (The witness test
+// checks that the one with another key exits; this checks what the
+// cluster lets in, and the agent without a key.)
+func TestClusterE2EStrangerNeverVoter(t *testing.T) {
+	requireTools(t)
+	for round := range repeats(t) {
+		t.Run(fmt.Sprintf("round%d", round), func(t *testing.T) {
+			began := time.Now()
+			key := gossipKeyFile(t)
+			c := newCluster(t, 3*time.Second, []string{"A", "B"}, "--gossip-key-file", key)
+			r := c.nodes[0].show()
+			if r.Cluster == nil || !r.Cluster.Authenticated {
+				t.Skipf("the cluster transport is not authenticated with --gossip-key-file yet (show: transport_authenticated false): mutual TLS has not landed")
+			}
+			strangers := map[string][]string{"X": {"--gossip-key-file", gossipKeyFile(t)}, "Y": nil}
+			hosts := map[string]*host{}
+			for name, extra := range strangers {
+				h := newHost(t)
+				args := append([]string{"agent", "--host", name, "--socket", h.sock, "--nbd-unix", h.nbdSock, "--nbd-listen", "",
+					"--cluster-listen", fmt.Sprintf("127.0.0.1:%d", freeGossipPort(t)), "--join", c.nodes[rand.IntN(2)].gossip,
+					"--state-dir", filepath.Join(h.dir, "state"), "--recovery-delay", "3s"}, testLeaseFlags...)
+				h.cmd = exec.Command(shadowBin, append(args, extra...)...)
+				h.log = &bytes.Buffer{}
+				h.cmd.Stdout, h.cmd.Stderr = h.log, h.log
+				if err := h.cmd.Start(); err != nil {
+					t.Fatal(err)
+				}
+				hosts[name] = h
+			}
+			known := []string{"A", "B"}
+			for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(200 * time.Millisecond) {
+				for _, nd := range c.nodes {
+					r, err := nd.tryShow()
+					if err != nil || r.Cluster == nil {
+						t.Fatalf("%s's show: %v %+v", nd.name, err, r.Cluster)
+					}
+					for _, h := range r.Cluster.Hosts {
+						if !slices.Contains(known, h.Host) {
+							t.Fatalf("%s lists the stranger %s among its hosts: %+v", nd.name, h.Host, r.Cluster.Hosts)
+						}
+					}
+					if r.Cluster.Leader == nd.name {
+						for _, s := range r.Cluster.Servers {
+							if !slices.Contains(known, s.Host) {
+								t.Fatalf("the leader %s has the stranger %s in its raft configuration: %+v", nd.name, s.Host, r.Cluster.Servers)
+							}
+						}
+					}
+				}
+			}
+			for name, h := range hosts {
+				state := "still running"
+				if h.cmd.ProcessState == nil {
+					if err := h.cmd.Process.Signal(syscall.Signal(0)); err != nil {
+						state = "gone"
+					}
+				}
+				t.Logf("stranger %s (%s) after 5 s: %s; its last log line: %s", name, map[bool]string{true: "another key", false: "no key"}[strangers[name] != nil], state, lastLines(strings.TrimSpace(h.log.String()), 1))
+			}
+			c.waitHosts(2)
 			t.Logf("round %d: %s", round, time.Since(began).Round(time.Millisecond))
 		})
 	}
