@@ -331,6 +331,34 @@ func fenceExited(nd *cnode) bool {
 	return st == "Z" || st == "X" || st == ""
 }
 
+// fenceWatchExit polls a host's agent process (every 10 ms, in the
+// background) and returns a function that tells how long after from it
+// was first seen exited (0: not yet).
+func fenceWatchExit(t *testing.T, nd *cnode, from time.Time) func() time.Duration {
+	pid := nd.cmd.Process.Pid
+	var at atomic.Int64
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(10 * time.Millisecond):
+			}
+			if st := fenceProcState(pid); st == "Z" || st == "X" || st == "" {
+				at.Store(int64(max(time.Since(from), time.Nanosecond)))
+				return
+			}
+		}
+	})
+	t.Cleanup(func() {
+		close(done)
+		wg.Wait()
+	})
+	return func() time.Duration { return time.Duration(at.Load()) }
+}
+
 // fenceReap reaps a host's exited agent and returns how it ended; the
 // host no longer counts as live. Its log is complete once it returns.
 func fenceReap(nd *cnode) *os.ProcessState {
@@ -392,6 +420,9 @@ func fenceMergeOp(s report.SetShow) (report.OpShow, bool) {
 func fenceMergedOn(t *testing.T, c *testCluster, id uint64, set string, victim *cnode) {
 	t.Helper()
 	for _, nd := range c.live() {
+		if fenceExited(nd) {
+			continue // the victim, killed
+		}
 		r, err := nd.tryShow()
 		if err != nil {
 			t.Fatalf("%s: show: %v", nd.name, err)
@@ -547,6 +578,7 @@ func TestClusterE2EStoppedWriterFenced(t *testing.T) {
 			time.Sleep(time.Duration(500+rand.IntN(1000)) * time.Millisecond)
 			stopFor := time.Duration(5000+rand.IntN(3000)) * time.Millisecond
 			stopAt := fenceSignal(t, victim, syscall.SIGSTOP)
+			killedAt := fenceWatchExit(t, victim, stopAt)
 			t.Logf("round %d: %s (leader: %v) SIGSTOPped for %s at %s, writes at [%d, +512 KiB)", round, victim.name, round%2 == 1, stopFor, l.at(stopAt), base)
 			// B writes over V's blocks while V is stopped: first those V
 			// has in flight (its replies may still be on their way: a
@@ -572,12 +604,9 @@ func TestClusterE2EStoppedWriterFenced(t *testing.T) {
 			})
 			// The survivors record V failed and merge behind it. Only the
 			// survivors are asked: a stopped agent answers nothing.
-			var failedAt, mergeAt, killedAt time.Duration
+			var failedAt, mergeAt time.Duration
 			var merge report.OpShow
 			for deadline := stopAt.Add(delay + 30*time.Second); ; time.Sleep(20 * time.Millisecond) {
-				if killedAt == 0 && fenceExited(victim) {
-					killedAt = time.Since(stopAt)
-				}
 				if failedAt == 0 || mergeAt == 0 {
 					r, err := b.tryShow()
 					if err == nil && fenceHostState(r, victim.name) == "failed" && failedAt == 0 {
@@ -599,7 +628,7 @@ func TestClusterE2EStoppedWriterFenced(t *testing.T) {
 			bStop.Store(true)
 			bWG.Wait()
 			t.Logf("survivors recorded %s failed %s after the stop, op%d %s running on %s %s after; watchdog kill seen: %s (0: none)",
-				victim.name, failedAt.Round(time.Millisecond), merge.ID, merge.Kind, merge.Host, mergeAt.Round(time.Millisecond), killedAt.Round(time.Millisecond))
+				victim.name, failedAt.Round(time.Millisecond), merge.ID, merge.Kind, merge.Host, mergeAt.Round(time.Millisecond), killedAt().Round(time.Millisecond))
 			if merge.Host == victim.name {
 				t.Fatalf("the merge runs on the failed host %s", victim.name)
 			}
@@ -617,6 +646,9 @@ func TestClusterE2EStoppedWriterFenced(t *testing.T) {
 			killed, detail := fenceFate(t, victim, "DSA1", 20*time.Second)
 			if killed {
 				t.Logf("%s was killed by its watchdog: %s", victim.name, detail)
+				if k := killedAt(); k > 2500*time.Millisecond || k > mergeAt {
+					t.Errorf("%s was killed %s after the stop, want within L + W = 2 s (+0.5 s) and before the merge started (%s after the stop)", victim.name, k, mergeAt)
+				}
 			} else {
 				t.Logf("%s was fenced: %s", victim.name, detail)
 			}
@@ -638,7 +670,7 @@ func TestClusterE2EStoppedWriterFenced(t *testing.T) {
 						errs = append(errs, l.describe(w))
 					}
 				case w.err != nil:
-					t.Errorf("B's write failed: %s", l.describe(w))
+					t.Errorf("%s's write failed: %s", b.name, l.describe(w))
 				default:
 					bAcked++
 				}
@@ -653,8 +685,8 @@ func TestClusterE2EStoppedWriterFenced(t *testing.T) {
 			}
 			sameData(t, size, ms...)
 			l.verify(t, victim.name, stopAt, ms...)
-			t.Logf("round %d: %s acknowledged %d writes (all before the stop), %d failed (%d in flight at the stop; e.g. %v); B wrote %d over them; %s",
-				round, victim.name, vAcked, vFailed, inflight, errs, bAcked, time.Since(began).Round(time.Millisecond))
+			t.Logf("round %d: %s acknowledged %d writes (all before the stop), %d failed (%d in flight at the stop; e.g. %v); %s wrote %d over them; %s",
+				round, victim.name, vAcked, vFailed, inflight, errs, b.name, bAcked, time.Since(began).Round(time.Millisecond))
 		})
 	}
 }
@@ -724,25 +756,23 @@ func TestClusterE2EParkedWriteFenced(t *testing.T) {
 				return seen >= 3, fmt.Sprintf("fence %+v", *r.Cluster.Fence)
 			})
 			stopAt := fenceSignal(t, victim, syscall.SIGSTOP)
+			killedAt := fenceWatchExit(t, victim, stopAt)
 			t.Logf("round %d: %s (leader: %v) parked its write at %d (for %s) and was SIGSTOPped at %s", round, victim.name, victim == leader, x, parkFor, l.at(stopAt))
 			bAfter := time.Duration(200+rand.IntN(2300)) * time.Millisecond
 			time.Sleep(time.Until(stopAt.Add(bAfter)))
 			if w := l.write(bc, b.name, x); w.err != nil {
-				t.Fatalf("B's write at X while %s is stopped: %s", victim.name, l.describe(w))
+				t.Fatalf("%s's write at X while %s is stopped: %s", b.name, victim.name, l.describe(w))
 			}
 			for range 4 {
 				if w := l.write(bc, b.name, x+int64(1+rand.IntN(64))*fenceBlock); w.err != nil {
-					t.Fatalf("B's write: %s", l.describe(w))
+					t.Fatalf("%s's write: %s", b.name, l.describe(w))
 				}
 			}
 			// The survivors record V failed and complete a merge; the park
 			// has ended by then (were V running).
-			var killedAt, failedAt, mergedAt time.Duration
+			var failedAt, mergeAt, mergedAt time.Duration
 			var merge report.OpShow
 			for deadline := stopAt.Add(delay + 30*time.Second); ; time.Sleep(20 * time.Millisecond) {
-				if killedAt == 0 && fenceExited(victim) {
-					killedAt = time.Since(stopAt)
-				}
 				r, err := b.tryShow()
 				if err == nil && failedAt == 0 && fenceHostState(r, victim.name) == "failed" {
 					failedAt = time.Since(stopAt)
@@ -750,6 +780,9 @@ func TestClusterE2EParkedWriteFenced(t *testing.T) {
 				if s, ok := setOf(r, "DSA1"); err == nil && ok && mergedAt == 0 {
 					if op, ok := fenceMergeOp(s); ok {
 						merge = op
+						if op.State == "running" && mergeAt == 0 {
+							mergeAt = time.Since(stopAt)
+						}
 					} else if merge.ID != 0 {
 						mergedAt = time.Since(stopAt) // seen, now gone
 					}
@@ -761,8 +794,8 @@ func TestClusterE2EParkedWriteFenced(t *testing.T) {
 					t.Fatalf("%s after stopping %s: failure recorded at %s, merge completed at %s (0: not yet)", time.Since(stopAt), victim.name, failedAt, mergedAt)
 				}
 			}
-			t.Logf("B wrote X %s after the stop; survivors recorded %s failed %s after it, op%d %s on %s completed %s after; watchdog kill seen %s after (0: none)",
-				bAfter, victim.name, failedAt.Round(time.Millisecond), merge.ID, merge.Kind, merge.Host, mergedAt.Round(time.Millisecond), killedAt.Round(time.Millisecond))
+			t.Logf("%s wrote X %s after the stop; survivors recorded %s failed %s after the stop, op%d %s on %s completed %s after; watchdog kill seen %s after (0: none)",
+				b.name, bAfter, victim.name, failedAt.Round(time.Millisecond), merge.ID, merge.Kind, merge.Host, mergedAt.Round(time.Millisecond), killedAt().Round(time.Millisecond))
 			fenceMergedOn(t, c, merge.ID, "DSA1", victim)
 			if !fenceExited(victim) {
 				fenceSignal(t, victim, syscall.SIGCONT)
@@ -772,6 +805,12 @@ func TestClusterE2EParkedWriteFenced(t *testing.T) {
 				t.Logf("%s was killed by its watchdog: %s", victim.name, detail)
 				if !strings.Contains(victim.log.String(), "test hook: write parked") {
 					t.Errorf("%s's log has no parked write", victim.name)
+				}
+				// Its lease ran out at most L after the stop, and the
+				// watchdog kills within W of that: before the survivors
+				// start merging (docs/cluster.md, "Sequence").
+				if k := killedAt(); k > 2500*time.Millisecond || (mergeAt > 0 && k > mergeAt) {
+					t.Errorf("%s was killed %s after the stop, want within L + W = 2 s (+0.5 s) and before the merge started (%s after the stop)", victim.name, k, mergeAt)
 				}
 			} else {
 				// Not what docs/cluster.md describes (the watchdog kills a
@@ -833,7 +872,7 @@ func TestClusterE2EShortStopResumes(t *testing.T) {
 			}
 			for range 16 {
 				if w := l.write(bc, b.name, slot()); w.err != nil {
-					t.Fatalf("B's write before the stop: %s", l.describe(w))
+					t.Fatalf("%s's write before the stop: %s", b.name, l.describe(w))
 				}
 			}
 			merges0 := map[string]int{}
