@@ -389,8 +389,15 @@ func quorumLost(t *testing.T, round int, policy string) {
 		}
 	}
 	if round%2 == 1 {
+		// B comes back as a new run (the set stays with A alone).
 		c.restart(b)
-		c.waitHosts(2)
+		waitFor(t, 30*time.Second, "A to see B up again", func() (bool, string) {
+			r, err := a.tryShow()
+			if err != nil {
+				return false, err.Error()
+			}
+			return hostState(r, "B") == "up", fmt.Sprintf("%+v", r.Cluster)
+		})
 	}
 	// Everything A's writers acknowledged reads back through A.
 	if suspend {
