@@ -7,8 +7,11 @@ package main
 // run; nothing here asserts a speed.
 
 import (
+	cryptorand "crypto/rand"
+	"encoding/base64"
 	"fmt"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -216,4 +219,53 @@ func fmtIOPS(xs []float64) string {
 		s = append(s, fmt.Sprintf("%.0f", x))
 	}
 	return strings.Join(s, ", ")
+}
+
+// TestPerformanceClusterFencing is make bench's measure of what fencing
+// costs writes (the target: at most 5%).
+func TestPerformanceClusterFencing(t *testing.T) {
+	if os.Getenv("SHADOW_BENCH") != "1" {
+		t.Skip("make bench runs this (SHADOW_BENCH=1)")
+	}
+	requireTools(t, "fio")
+	var b strings.Builder
+	benchFencingCost(t, &b)
+	fmt.Println(b.String())
+	appendBenchOut(t, b.String())
+}
+
+// benchFencingCost: the same 3-host cluster twice, side by side: one with
+// leases, the watchdog and mutual TLS keyed by the cluster key (the
+// default, plus a key), one with fencing off (--no-fencing, benchmarks
+// only) and no key. 4 KiB random writes through A of each, alternating,
+// with DSA1 mounted on all three hosts of each.
+func benchFencingCost(t *testing.T, b *strings.Builder) {
+	k := make([]byte, 32)
+	if _, err := cryptorand.Read(k); err != nil {
+		t.Fatal(err)
+	}
+	key := filepath.Join(t.TempDir(), "gossip.key")
+	if err := os.WriteFile(key, []byte(base64.StdEncoding.EncodeToString(k)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fenced := newCluster(t, 3*time.Second, []string{"A", "B", "C"}, "--gossip-key-file", key)
+	open := newCluster(t, 3*time.Second, []string{"A", "B", "C"}, "--no-fencing")
+	for _, c := range []*testCluster{fenced, open} {
+		ms := c.members(2, benchSize)
+		c.mountEverywhere(c.node("A"), "DSA1", ms, nil)
+	}
+	if r := fenced.node("A").show(); r.Cluster == nil || !r.Cluster.Authenticated || r.Cluster.Fence == nil {
+		t.Fatalf("the fenced cluster is not fenced and authenticated: %+v", r.Cluster)
+	}
+	var on, off []float64
+	for range benchRounds {
+		on = append(on, fioIOPSSized(t, fenced.node("A").uri("DSA1"), "1g"))
+		off = append(off, fioIOPSSized(t, open.node("A").uri("DSA1"), "1g"))
+	}
+	renewals := fenced.node("A").show().Cluster.Fence
+	fmt.Fprintf(b, "Fencing's cost: 4 KiB random writes through A, DSA1 mounted on A, B and C, two clusters side by side (%d alternating rounds of %ss, medians):\n\n", benchRounds, benchRuntime)
+	fmt.Fprintf(b, "| cluster | IOPS | ratio |\n|---|---|---|\n")
+	fmt.Fprintf(b, "| fencing off, transport plaintext | %.0f | 1.00 |\n", median(off))
+	fmt.Fprintf(b, "| leases (1.5 s, renewed every 375 ms) + watchdog + mutual TLS | %.0f | %.2f |\n\n", median(on), median(on)/median(off))
+	t.Logf("fenced %v open %v (A's fence: %+v)", on, off, renewals)
 }
