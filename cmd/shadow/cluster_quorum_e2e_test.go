@@ -636,6 +636,27 @@ func TestClusterE2ERaftPortCut(t *testing.T) {
 				return true, ""
 			})
 			t.Logf("%s up again %s after the heal", b.name, time.Since(healAt).Round(time.Millisecond))
+			// The new run holds a lease and stays up (a run that cannot
+			// renew would be failed again 2L after the leader took it).
+			waitFor(t, 15*time.Second, b.name+"'s new run to hold a valid lease with quorum", func() (bool, string) {
+				r, err := b.tryShow()
+				if err != nil {
+					return false, err.Error()
+				}
+				own, _ := ownHost(r)
+				return r.Cluster.Quorum && own.Lease == "valid" && own.State == "up", fmt.Sprintf("own %+v quorum %v fence %+v", own, r.Cluster.Quorum, r.Cluster.Fence)
+			})
+			for end := time.Now().Add(4 * time.Second); time.Now().Before(end); time.Sleep(250 * time.Millisecond) {
+				r, err := a.tryShow()
+				if err != nil {
+					t.Fatalf("%s's show: %v", a.name, err)
+				}
+				if st := hostState(r, b.name); st != "up" {
+					rb, _ := b.tryShow()
+					t.Fatalf("%s's new run, up after the heal, is %s again in %s's view %s after the heal (its own fence state: %+v)",
+						b.name, st, a.name, time.Since(healAt).Round(time.Millisecond), rb.Cluster.Fence)
+				}
+			}
 			if err := waitCmd(t, afio, 2*time.Minute, "fio writing through "+a.name); err != nil {
 				t.Fatalf("fio writing and verifying through %s across the cut failed: %v", a.name, err)
 			}
