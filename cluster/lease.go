@@ -146,6 +146,7 @@ func (l *Log) Renew(ctx context.Context) error {
 		return ErrFenced
 	}
 	prev := l.lastRenew[l.host]
+	inc := l.inc.Load()
 	sent := l.leaseHooks.Now()
 	l.lastID++
 	id := l.lastID
@@ -156,10 +157,14 @@ func (l *Log) Renew(ctx context.Context) error {
 		delete(l.renewSent, id)
 		l.mu.Unlock()
 	}()
-	err := l.proposeWithID(ctx, entry{Type: entryRenew, Prev: prev}, id)
+	err := l.proposeWithID(ctx, entry{Type: entryRenew, Prev: prev, Inc: inc}, id)
 	if err != nil && (errors.Is(err, ErrStaleIncarnation) || containsAny(err.Error(), ErrFenced.Error())) {
 		l.mu.Lock()
-		l.fenceLocked("a renewal was refused: "+err.Error(), !errors.Is(err, ErrStaleIncarnation))
+		// Only if this run is still the one that renewed: a renewal of a
+		// run already replaced (Reincarnate) says nothing of the new one.
+		if l.inc.Load() == inc {
+			l.fenceLocked("a renewal was refused: "+err.Error(), !errors.Is(err, ErrStaleIncarnation))
+		}
 		l.mu.Unlock()
 		return fmt.Errorf("%w: %w", ErrFenced, err)
 	}

@@ -322,7 +322,10 @@ func (l *Log) proposeWithID(ctx context.Context, e entry, id uint64) error {
 		return ErrClosed
 	}
 	e.ID = id
-	e.V, e.Host, e.Inc, e.C = entryVersion, l.host, l.inc.Load(), CoreLevel()
+	if e.Inc == 0 {
+		e.Inc = l.inc.Load()
+	}
+	e.V, e.Host, e.C = entryVersion, l.host, CoreLevel()
 	b, err := json.Marshal(e)
 	if err != nil {
 		return err

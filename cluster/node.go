@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -137,11 +138,13 @@ type incarnated interface{ Incarnation() uint64 }
 // Node is this host's membership in the cluster: gossip, raft, and the
 // forwarding of proposals to the leader.
 type Node struct {
-	cfg  NodeConfig
-	log  zerolog.Logger
-	ml   *memberlist.Memberlist
-	raft *raft.Raft
-	mux  *mux
+	cfg NodeConfig
+	log zerolog.Logger
+	// settle: see SetSettle.
+	settle atomic.Pointer[func(ctx context.Context) error]
+	ml     *memberlist.Memberlist
+	raft   *raft.Raft
+	mux    *mux
 	// tr authenticates the cluster port (nil: no key, plaintext).
 	tr    *transport
 	store *raftboltdb.BoltStore

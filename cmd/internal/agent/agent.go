@@ -16,6 +16,7 @@ import (
 	"os"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -86,6 +87,10 @@ type Agent struct {
 	fenceMu     sync.Mutex
 	fenceReason string
 	fencedAt    time.Time
+	// Apply-path work queued for want of a lease (lease.go).
+	applyMu    sync.Mutex
+	applyQueue []func(queued bool)
+	applyHeld  atomic.Bool
 }
 
 // run is one engine goroutine executing an op.

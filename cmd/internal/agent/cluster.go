@@ -71,6 +71,7 @@ func (a *Agent) startCluster() error {
 		return err
 	}
 	a.node = node
+	node.SetSettle(a.settleApplied)
 	a.clog.Attach(node)
 	a.elog = a.clog
 	ctx, cancel := context.WithTimeout(a.ctx, 60*time.Second)
@@ -112,9 +113,9 @@ func (a *Agent) applyCluster(ev shadowset.Event, origin string, rd shadowset.Rea
 	if origin != a.host {
 		switch ev.Kind {
 		case shadowset.EvIOError, shadowset.EvRemoveMember:
-			a.remoteRemoved(ev.Set, ev.Member)
+			a.applyWork(func(bool) { a.remoteRemoved(ev.Set, ev.Member) })
 		case shadowset.EvAddMember:
-			a.remoteAdded(ev.Set, ev.Member)
+			a.applyWork(func(bool) { a.remoteAdded(ev.Set, ev.Member) })
 		}
 	}
 	a.syncMetaAll(ev)
@@ -327,7 +328,7 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 	}()
 	var md *meta.Metadata
 	size := int64(-1)
-	vol := &volume{name: args.Set, members: map[string]*memberRT{}, stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{}), stamp: a.stamp}
+	vol := &volume{name: args.Set, members: map[string]*memberRT{}, stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{}), stamp: a.stamp, applyHeld: &a.applyHeld}
 	var specs []vu.MemberSpec
 	for _, mv := range sv.Members {
 		dev, err := a.cfg.OpenDevice(mv.Name, a.sharedOptions())
@@ -549,9 +550,20 @@ func (a *Agent) syncMetaAll(ev shadowset.Event) {
 		if !ok || !metaEvent(ev, sv) || !a.writesMetaLocked(vol.name) {
 			continue
 		}
-		if err := vol.syncMeta(sv); err != nil {
-			a.log.Error().Str("vu", vol.name).Err(err).Msg("cannot record the set's state in its metadata")
-		}
+		a.applyWork(func(queued bool) {
+			if queued {
+				// Queued: record the newest view, if this host still
+				// writes the set's metadata.
+				var writer bool
+				a.elog.View(func(c *shadowset.Core) { sv, ok = c.Set(vol.name); writer = a.writesMetaLocked(vol.name) })
+				if cur, err := a.volume(vol.name); err != nil || cur != vol || !ok || !writer {
+					return
+				}
+			}
+			if err := vol.syncMeta(sv); err != nil {
+				a.log.Error().Str("vu", vol.name).Err(err).Msg("cannot record the set's state in its metadata")
+			}
+		})
 	}
 }
 

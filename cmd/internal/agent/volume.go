@@ -26,6 +26,9 @@ type volume struct {
 	name string
 	vu   *vu.VU
 	size int64
+	// applyHeld: the agent's apply-path work is queued (lease.go);
+	// writes wait for it.
+	applyHeld *atomic.Bool
 
 	mdMu    sync.Mutex // serialises metadata writes
 	md      meta.Metadata
@@ -456,7 +459,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		}
 		bms.logged = logs.Logged
 	}
-	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{}, bm: bms, writeLog: writeLog, stamp: a.stamp,
+	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{}, bm: bms, writeLog: writeLog, stamp: a.stamp, applyHeld: &a.applyHeld,
 		stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{})}
 	var specs []vu.MemberSpec
 	for i, p := range probes {
@@ -800,6 +803,13 @@ func sortedKeys[V any](m map[string]V) []string {
 // writes are in flight, and records the range in the write bitmaps
 // before any member sees the data (invariant 2).
 func (vol *volume) BeginWrite(off, n int64) error {
+	if vol.applyHeld != nil {
+		// Changes applied but not yet carried out (no lease): a write
+		// now could miss a member another host added.
+		for vol.applyHeld.Load() {
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
 	vol.cleanMu.RLock()
 	if !vol.dirty.Load() {
 		vol.cleanMu.RUnlock()
@@ -824,6 +834,9 @@ func (vol *volume) BeginWrite(off, n int64) error {
 // TryBeginWrite (vu.Gate) is BeginWrite when the set is already dirty and
 // no clean-marking holds the gate, so nothing has to wait.
 func (vol *volume) TryBeginWrite(off, n int64) bool {
+	if vol.applyHeld != nil && vol.applyHeld.Load() {
+		return false
+	}
 	if !vol.cleanMu.TryRLock() {
 		return false
 	}
@@ -958,6 +971,9 @@ func (a *Agent) expel(vol *volume, path string, cause error) error {
 		// from it.
 		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
 		err := a.clog.InForce(ctx, vol.name)
+		if err == nil {
+			err = a.settleApplied(ctx)
+		}
 		cancel()
 		if err != nil {
 			return fmt.Errorf("expel %s: %w", path, err)

@@ -120,6 +120,11 @@ func New(policy Policy, timeout time.Duration, mem []byte) *Gate {
 
 func (g *Gate) word(i int) *int64 { return &g.mem[i] }
 
+// ValidFor reports whether the lease is valid for at least d more.
+func (g *Gate) ValidFor(d time.Duration) bool {
+	return atomic.LoadInt64(g.word(wordFenced)) == 0 && Now()+int64(d) < atomic.LoadInt64(g.word(wordLeaseEnd))
+}
+
 // Valid reports whether the lease is valid now.
 func (g *Gate) Valid() bool {
 	return atomic.LoadInt64(g.word(wordFenced)) == 0 && Now() < atomic.LoadInt64(g.word(wordLeaseEnd))
