@@ -264,7 +264,7 @@ func (d *osDevice) exit() {
 		d.fence.Exit()
 	}
 }
-func (d *osDevice) Size() int64  { return d.size }
+func (d *osDevice) Size() int64 { return d.size }
 
 // usable returns why no I/O may be done now, if anything.
 func (d *osDevice) usable() error {
