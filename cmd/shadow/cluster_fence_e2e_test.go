@@ -359,6 +359,104 @@ func fenceWatchExit(t *testing.T, nd *cnode, from time.Time) func() time.Duratio
 	return func() time.Duration { return time.Duration(at.Load()) }
 }
 
+// fenceShowSummary is what a survivor's show said, for a failure
+// message.
+func fenceShowSummary(r report.ShowReport, err error, victim string) string {
+	if err != nil {
+		return "error: " + err.Error()
+	}
+	s, _ := setOf(r, "DSA1")
+	out := fmt.Sprintf("%s %s, DSA1 ops %+v", victim, fenceHostState(r, victim), s.Ops)
+	if r.Cluster != nil && r.Cluster.Fence != nil {
+		out += fmt.Sprintf(", own fence %+v", *r.Cluster.Fence)
+	}
+	return out
+}
+
+// fenceStuck diagnoses survivors that stopped making progress: it makes
+// each dump its goroutines (SIGQUIT, which ends it) and returns the
+// goroutines waiting at the fence gate, naming the product bug when one
+// of them is the log's apply path (metadata I/O under the log's lock
+// waiting for a lease that only that apply path can renew).
+func fenceStuck(t *testing.T, nds ...*cnode) string {
+	t.Helper()
+	var b strings.Builder
+	for _, nd := range nds {
+		if nd.cmd == nil || fenceExited(nd) {
+			continue
+		}
+		_ = nd.cmd.Process.Signal(syscall.SIGQUIT)
+		done := make(chan struct{})
+		go func() {
+			for i := 0; i < 100 && !fenceExited(nd); i++ {
+				time.Sleep(50 * time.Millisecond)
+			}
+			close(done)
+		}()
+		<-done
+		if !fenceExited(nd) {
+			continue
+		}
+		fenceReap(nd)
+		var gate []string
+		deadlock := false
+		for _, g := range strings.Split(nd.log.String(), "\n\n") {
+			if strings.Contains(g, "fence.(*Gate)") {
+				gate = append(gate, g)
+				if strings.Contains(g, "syncMeta") || strings.Contains(g, "(*Log).apply") || strings.Contains(g, "Apply(") {
+					deadlock = true
+				}
+			}
+		}
+		fmt.Fprintf(&b, "\n%s: %d goroutines wait at the fence gate", nd.name, len(gate))
+		if deadlock {
+			fmt.Fprintf(&b, " — PRODUCT BUG: %s's log apply path (metadata I/O under the log's lock, syncMetaAll) waits at the gate for a lease "+
+				"that only the apply path can renew: no entry applies until --no-quorum-timeout", nd.name)
+		}
+		for i, g := range gate {
+			if i == 3 {
+				break
+			}
+			fmt.Fprintf(&b, "\n%s", g)
+		}
+	}
+	return b.String()
+}
+
+// fenceSurvivorsKept checks that the survivors, which never stopped,
+// were neither fenced nor dropped the set, and returns those that still
+// mount it (to dismount them).
+func fenceSurvivorsKept(t *testing.T, victim *cnode, victimLed bool, survivors ...*cnode) []*cnode {
+	t.Helper()
+	var out []*cnode
+	for _, nd := range survivors {
+		r, err := nd.tryShow()
+		if err != nil {
+			t.Fatalf("%s: show: %v", nd.name, err)
+		}
+		s, mounted := setOf(r, "DSA1")
+		if mounted && len(s.Mounted) > 0 {
+			out = append(out, nd)
+		}
+		fenced := ""
+		if r.Cluster != nil && r.Cluster.Fence != nil {
+			fenced = r.Cluster.Fence.LastFenced
+		}
+		if fenced == "" && mounted {
+			continue
+		}
+		why := ""
+		if victimLed {
+			why = fmt.Sprintf(" — PRODUCT BUG: %s led raft when it was stopped; on SIGCONT, before it learns of the new term, its leader loop "+
+				"counts every host's lease on its own clock (stopped for seconds), finds them all lapsed and proposes host-failed for them "+
+				"(its log: \"host's lease lapsed: recording its failure\"); the proposals are forwarded to the new leader and commit, "+
+				"so a healthy host is declared failed and fenced", victim.name)
+		}
+		t.Errorf("%s, a survivor that never stopped, lost DSA1 (mounted there: %v) or was fenced (%q)%s", nd.name, mounted, fenced, why)
+	}
+	return out
+}
+
 // fenceReap reaps a host's exited agent and returns how it ended; the
 // host no longer counts as live. Its log is complete once it returns.
 func fenceReap(nd *cnode) *os.ProcessState {
@@ -606,9 +704,11 @@ func TestClusterE2EStoppedWriterFenced(t *testing.T) {
 			// survivors are asked: a stopped agent answers nothing.
 			var failedAt, mergeAt time.Duration
 			var merge report.OpShow
-			for deadline := stopAt.Add(delay + 30*time.Second); ; time.Sleep(20 * time.Millisecond) {
+			lastShow := ""
+			for deadline := stopAt.Add(delay + 20*time.Second); ; time.Sleep(20 * time.Millisecond) {
 				if failedAt == 0 || mergeAt == 0 {
 					r, err := b.tryShow()
+					lastShow = fenceShowSummary(r, err, victim.name)
 					if err == nil && fenceHostState(r, victim.name) == "failed" && failedAt == 0 {
 						failedAt = time.Since(stopAt)
 					}
@@ -622,7 +722,8 @@ func TestClusterE2EStoppedWriterFenced(t *testing.T) {
 					break
 				}
 				if time.Now().After(deadline) {
-					t.Fatalf("%s after stopping %s: failure recorded at %s, merge seen at %s (0: not yet)", time.Since(stopAt), victim.name, failedAt, mergeAt)
+					t.Fatalf("%s after stopping %s: failure recorded at %s, merge seen at %s (0: not yet); last show of %s: %s%s",
+						time.Since(stopAt), victim.name, failedAt, mergeAt, b.name, lastShow, fenceStuck(t, b, other))
 				}
 			}
 			bStop.Store(true)
@@ -680,7 +781,7 @@ func TestClusterE2EStoppedWriterFenced(t *testing.T) {
 			}
 			c.waitIdleEverywhere("DSA1", 2*time.Minute)
 			fenceMergedOn(t, c, merge.ID, "DSA1", victim)
-			for _, nd := range []*cnode{b, other} {
+			for _, nd := range fenceSurvivorsKept(t, victim, round%2 == 1, b, other) {
 				nd.mustCLI("dismount", "DSA1")
 			}
 			sameData(t, size, ms...)
@@ -772,8 +873,10 @@ func TestClusterE2EParkedWriteFenced(t *testing.T) {
 			// has ended by then (were V running).
 			var failedAt, mergeAt, mergedAt time.Duration
 			var merge report.OpShow
-			for deadline := stopAt.Add(delay + 30*time.Second); ; time.Sleep(20 * time.Millisecond) {
+			lastShow := ""
+			for deadline := stopAt.Add(delay + 20*time.Second); ; time.Sleep(20 * time.Millisecond) {
 				r, err := b.tryShow()
+				lastShow = fenceShowSummary(r, err, victim.name)
 				if err == nil && failedAt == 0 && fenceHostState(r, victim.name) == "failed" {
 					failedAt = time.Since(stopAt)
 				}
@@ -791,7 +894,8 @@ func TestClusterE2EParkedWriteFenced(t *testing.T) {
 					break
 				}
 				if time.Now().After(deadline) {
-					t.Fatalf("%s after stopping %s: failure recorded at %s, merge completed at %s (0: not yet)", time.Since(stopAt), victim.name, failedAt, mergedAt)
+					t.Fatalf("%s after stopping %s: failure recorded at %s, merge completed at %s (0: not yet); last show of %s: %s%s",
+						time.Since(stopAt), victim.name, failedAt, mergedAt, b.name, lastShow, fenceStuck(t, b, other))
 				}
 			}
 			t.Logf("%s wrote X %s after the stop; survivors recorded %s failed %s after the stop, op%d %s on %s completed %s after; watchdog kill seen %s after (0: none)",
@@ -829,7 +933,7 @@ func TestClusterE2EParkedWriteFenced(t *testing.T) {
 				t.Errorf("the parked write was still unanswered 20 s after SIGCONT")
 			}
 			c.waitIdleEverywhere("DSA1", 2*time.Minute)
-			for _, nd := range []*cnode{b, other} {
+			for _, nd := range fenceSurvivorsKept(t, victim, victim == leader, b, other) {
 				nd.mustCLI("dismount", "DSA1")
 			}
 			sameData(t, size, ms...)
