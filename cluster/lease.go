@@ -280,6 +280,10 @@ func (l *Log) lapsed() map[string]uint64 {
 	return out
 }
 
+// reconcileGap: a leader whose reconcile ticks (every 500 ms) were this
+// far apart was stopped or starved, and judges no lease on that round.
+const reconcileGap = 2 * time.Second
+
 // LeaseView is one host's lease as the log sees it.
 type LeaseView struct {
 	Host   string

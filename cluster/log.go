@@ -205,6 +205,8 @@ type Log struct {
 	// host's (replicated: level.go).
 	level    int
 	supports map[string]int
+	// lastReconcile: when the leader last reconciled (its own clock).
+	lastReconcile time.Time
 }
 
 // Incarnation is the run of this host's agent the log belongs to.
@@ -875,6 +877,7 @@ func (l *Log) LeaderChanged(leader bool) {
 		for h := range l.leases {
 			l.renewedAt[h] = now
 		}
+		l.lastReconcile = time.Time{}
 	}
 	if !leader {
 		for at, t := range l.timers {
@@ -923,7 +926,17 @@ func (l *Log) Reconcile(alive []Peer) {
 		}
 		failed = append(failed, failure{h.Name, inc})
 	}
-	// A lapse the leader sees is a failure, gossip or not.
+	// A lapse the leader sees is a failure, gossip or not: unless this
+	// leader was itself stopped or starved (its reconcile ticks stopped),
+	// when every lease looks lapsed on its clock. Then it counts them all
+	// afresh, from now.
+	now := time.Now()
+	if !l.lastReconcile.IsZero() && now.Sub(l.lastReconcile) > reconcileGap {
+		for h := range l.leases {
+			l.renewedAt[h] = now
+		}
+	}
+	l.lastReconcile = now
 	for h, inc := range l.lapsed() {
 		if !slices.ContainsFunc(failed, func(f failure) bool { return f.host == h }) {
 			l.node.log.Warn().Str("peer", h).Msg("host's lease lapsed: recording its failure")
@@ -931,6 +944,12 @@ func (l *Log) Reconcile(alive []Peer) {
 		}
 	}
 	l.mu.Unlock()
+	if len(failed) > 0 && !l.node.verifyLeader() {
+		// A leader that was stopped may not know yet that another has
+		// taken over: what it saw is stale, and a forwarded proposal
+		// would still commit.
+		return
+	}
 	for _, f := range failed {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		err := l.propose(ctx, entry{Type: entryEvent, Ev: &shadowset.Event{Kind: shadowset.EvHostFailed, Host: f.host}, HostInc: f.inc})

@@ -640,6 +640,15 @@ func (n *Node) removeFailedVoters(alive []Peer) {
 	}
 }
 
+// verifyLeader confirms, with a round of heartbeats, that this host still
+// leads (a leader that was stopped learns of its successor only then).
+func (n *Node) verifyLeader() bool {
+	if n == nil || n.raft == nil {
+		return true // tests without a node
+	}
+	return n.raft.VerifyLeader().Error() == nil
+}
+
 // Propose appends data to the log and waits until this host has applied
 // it; the error is the state machine's verdict (wrapping ErrRefused) or a
 // failure to commit.
