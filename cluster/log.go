@@ -101,6 +101,8 @@ type entry struct {
 	// every lease, its own included).
 	Lease *LeaseConfig `json:"lease,omitempty"`
 	Delay int64        `json:"delay,omitempty"`
+	// SetDelay: Delay is set even when 0.
+	SetDelay bool `json:"sd,omitempty"`
 	// Supports, on an incarnation: the core level the host's build runs
 	// (level.go). C, on every entry: the proposer's build level.
 	Supports int `json:"sup,omitempty"`
@@ -199,7 +201,7 @@ type Log struct {
 	leaseHooks    LeaseHooks
 	renewSent     map[uint64]int64
 	fenced        bool
-	registerDelay time.Duration
+	registerDelay *time.Duration
 
 	// level is the cluster's core level and supports each registered
 	// host's (replicated: level.go).
@@ -255,7 +257,7 @@ func (l *Log) Reincarnate(inc uint64) {
 func (l *Log) SetRegisterDelay(d time.Duration) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.registerDelay = d
+	l.registerDelay = &d
 }
 
 // Attach connects the log to its node (after Start).
@@ -269,7 +271,9 @@ func (l *Log) Register(ctx context.Context, witness bool) error {
 		c := l.leaseCfg
 		e.Lease = &c
 	}
-	e.Delay = int64(l.registerDelay)
+	if l.registerDelay != nil {
+		e.Delay, e.SetDelay = int64(*l.registerDelay), true
+	}
 	l.mu.Unlock()
 	return l.propose(ctx, e)
 }
@@ -529,7 +533,7 @@ func (l *Log) applyIncarnation(e entry) (err error) {
 		l.lastRenew[e.Host] = 0
 		l.renewedAt[e.Host] = time.Now()
 	}
-	if e.Delay > 0 {
+	if e.Delay > 0 || e.SetDelay {
 		if err := l.step(shadowset.Event{Kind: shadowset.EvSetDelay, Duration: time.Duration(e.Delay)}, e.Host); err != nil {
 			return err
 		}
@@ -562,7 +566,7 @@ func (l *Log) applyIncarnation(e entry) (err error) {
 // that another host's lease does not fit.
 func (l *Log) checkRegistration(e entry) error {
 	d := l.core.Delay()
-	if e.Delay > 0 {
+	if e.Delay > 0 || e.SetDelay {
 		d = time.Duration(e.Delay)
 		for h, c := range l.leases {
 			if h == e.Host || l.incs[h] == 0 {

@@ -141,7 +141,7 @@ func benchFailover(t *testing.T, b *strings.Builder) {
 // benchMergeUnderWrites: a demanded full merge of a 1 GiB set by one host,
 // alone, then while the two other hosts write through their exports.
 func benchMergeUnderWrites(t *testing.T, b *strings.Builder) {
-	c := newCluster(t, 0, []string{"A", "B", "C"})
+	c := newCluster(t, 3*time.Second, []string{"A", "B", "C"})
 	ms := c.members(2, benchSize)
 	c.nodes[0].mustCLI(mountArgs("DSA1", ms)...)
 	c.waitIdleEverywhere("DSA1", 10*time.Minute)

@@ -24,7 +24,7 @@ import (
 func TestClusterE2EWriteLogs(t *testing.T) {
 	requireTools(t, "fio")
 	const size = 256 << 20
-	delay := 2 * time.Second
+	delay := 3 * time.Second
 	for round := range repeats(t) {
 		t.Run(fmt.Sprintf("round%d", round), func(t *testing.T) {
 			// B merges slowly, so that it can be stopped midway; A, which
