@@ -16,7 +16,6 @@ import (
 	"os"
 	"sort"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/rs/zerolog"
@@ -87,10 +86,8 @@ type Agent struct {
 	fenceMu     sync.Mutex
 	fenceReason string
 	fencedAt    time.Time
-	// Apply-path work queued for want of a lease (lease.go).
-	applyMu    sync.Mutex
-	applyQueue []func(queued bool)
-	applyHeld  atomic.Bool
+	// deferred: apply-path member I/O queued for want of a lease.
+	deferred *fence.Deferred
 }
 
 // run is one engine goroutine executing an op.

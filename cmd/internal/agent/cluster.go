@@ -55,6 +55,9 @@ const WindowSize = 16 << 20
 // first entry, which fails the previous run if the log still has it up.
 func (a *Agent) startCluster() error {
 	cc := a.cfg.Cluster
+	// The apply path's member I/O waits for no lease while the lease is
+	// about to lapse or lapsed (fence.Deferred): 250 ms of margin.
+	a.deferred = fence.NewDeferred(a.ctx, nil, 250*time.Millisecond, a.wg.Go)
 	a.clog = cluster.NewLog(a.host, newIncarnation(), cluster.Hooks{Applied: a.applyCluster, Window: a.onWindow, Level: a.onLevel})
 	if err := a.startLease(); err != nil {
 		return err
@@ -71,7 +74,7 @@ func (a *Agent) startCluster() error {
 		return err
 	}
 	a.node = node
-	node.SetSettle(a.settleApplied)
+	node.SetSettle(a.deferred.Settle)
 	a.clog.Attach(node)
 	a.elog = a.clog
 	ctx, cancel := context.WithTimeout(a.ctx, 60*time.Second)
@@ -113,9 +116,9 @@ func (a *Agent) applyCluster(ev shadowset.Event, origin string, rd shadowset.Rea
 	if origin != a.host {
 		switch ev.Kind {
 		case shadowset.EvIOError, shadowset.EvRemoveMember:
-			a.applyWork(func(bool) { a.remoteRemoved(ev.Set, ev.Member) })
+			a.deferred.Do(func(bool) { a.remoteRemoved(ev.Set, ev.Member) })
 		case shadowset.EvAddMember:
-			a.applyWork(func(bool) { a.remoteAdded(ev.Set, ev.Member) })
+			a.deferred.Do(func(bool) { a.remoteAdded(ev.Set, ev.Member) })
 		}
 	}
 	a.syncMetaAll(ev)
@@ -328,7 +331,7 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 	}()
 	var md *meta.Metadata
 	size := int64(-1)
-	vol := &volume{name: args.Set, members: map[string]*memberRT{}, stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{}), stamp: a.stamp, applyHeld: &a.applyHeld}
+	vol := &volume{name: args.Set, members: map[string]*memberRT{}, stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{}), stamp: a.stamp, applyHeld: a.applyHeld()}
 	var specs []vu.MemberSpec
 	for _, mv := range sv.Members {
 		dev, err := a.cfg.OpenDevice(mv.Name, a.sharedOptions())
@@ -550,7 +553,7 @@ func (a *Agent) syncMetaAll(ev shadowset.Event) {
 		if !ok || !metaEvent(ev, sv) || !a.writesMetaLocked(vol.name) {
 			continue
 		}
-		a.applyWork(func(queued bool) {
+		a.deferred.Do(func(queued bool) {
 			if queued {
 				// Queued: record the newest view, if this host still
 				// writes the set's metadata.

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/shadow-project/shadow/cluster"
@@ -45,6 +46,7 @@ func (a *Agent) startLease() error {
 		return err
 	}
 	a.gate, a.watchdog = g, wd
+	a.deferred.SetGate(g)
 	a.clog.EnableLease(cc.Lease, cluster.LeaseHooks{Now: fence.Now, Extended: g.Extend, Fenced: a.onFenced, Before: a.reportPartialWrites})
 	a.log.Info().Dur("lease", cc.Lease.Lease).Dur("watchdog", cc.Lease.Watchdog).Int("watchdog_pid", wd.PID()).
 		Str("on_no_quorum", cc.OnNoQuorum.String()).Msg("fencing armed")
@@ -258,75 +260,10 @@ func (a *Agent) leaseShow(cs *report.ClusterShow) {
 	}
 }
 
-// Apply-path member I/O. The log's hooks run in log order under its lock,
-// and some of them do member I/O (the metadata writer records a change,
-// a member another host added is opened and read). With the lease not
-// valid, that I/O would wait at the gate for a renewal that can only be
-// applied after the very entry being applied: the host would stall until
-// the no-quorum timeout (found by TestClusterE2EQuorumLost: quorum back,
-// the leader records a failure before its own renewal). So, while the
-// lease is not valid with a margin, such work is queued, in log order,
-// and done once the lease is back; while any is queued, application
-// writes wait (so none can miss a member another host added), and this
-// host's answer to "have you applied index k?" waits too (so a change is
-// in force only once its metadata is written).
-
-// applyMargin: the lease must have at least this long left for the
-// apply path to do member I/O itself.
-const applyMargin = 250 * time.Millisecond
-
-// applyWork runs fn now, or queues it behind earlier queued work (the
-// caller holds the log's lock).
-func (a *Agent) applyWork(fn func(queued bool)) {
-	a.applyMu.Lock()
-	if len(a.applyQueue) == 0 && (a.gate == nil || !a.gate.Enforcing() || a.gate.ValidFor(applyMargin)) {
-		a.applyMu.Unlock()
-		fn(false)
-		return
+// applyHeld is what a volume's writes wait on (nil: a cluster of one).
+func (a *Agent) applyHeld() *atomic.Bool {
+	if a.deferred == nil {
+		return nil
 	}
-	a.applyQueue = append(a.applyQueue, fn)
-	a.applyHeld.Store(true)
-	start := len(a.applyQueue) == 1
-	a.applyMu.Unlock()
-	if start {
-		a.wg.Go(a.drainApplyWork)
-	}
-}
-
-// drainApplyWork does the queued work once the lease is valid again.
-func (a *Agent) drainApplyWork() {
-	for {
-		if err := a.gate.WaitValid(a.ctx); err != nil {
-			// Fenced (the sets are being dropped) or stopping.
-			a.applyMu.Lock()
-			a.applyQueue = nil
-			a.applyHeld.Store(false)
-			a.applyMu.Unlock()
-			return
-		}
-		a.applyMu.Lock()
-		if len(a.applyQueue) == 0 {
-			a.applyHeld.Store(false)
-			a.applyMu.Unlock()
-			return
-		}
-		fn := a.applyQueue[0]
-		a.applyMu.Unlock()
-		fn(true)
-		a.applyMu.Lock()
-		a.applyQueue = a.applyQueue[1:]
-		a.applyMu.Unlock()
-	}
-}
-
-// settleApplied waits until no apply-path work is queued.
-func (a *Agent) settleApplied(ctx context.Context) error {
-	for a.applyHeld.Load() {
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("agent: changes applied but not yet written (no lease): %w", ctx.Err())
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
-	return nil
+	return a.deferred.Held()
 }

@@ -459,7 +459,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		}
 		bms.logged = logs.Logged
 	}
-	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{}, bm: bms, writeLog: writeLog, stamp: a.stamp, applyHeld: &a.applyHeld,
+	vol := &volume{name: args.Set, size: size, md: md, members: map[string]*memberRT{}, bm: bms, writeLog: writeLog, stamp: a.stamp, applyHeld: a.applyHeld(),
 		stopCleaner: make(chan struct{}), cleanerDone: make(chan struct{})}
 	var specs []vu.MemberSpec
 	for i, p := range probes {
@@ -972,7 +972,7 @@ func (a *Agent) expel(vol *volume, path string, cause error) error {
 		ctx, cancel := context.WithTimeout(a.ctx, 30*time.Second)
 		err := a.clog.InForce(ctx, vol.name)
 		if err == nil {
-			err = a.settleApplied(ctx)
+			err = a.deferred.Settle(ctx)
 		}
 		cancel()
 		if err != nil {
