@@ -93,7 +93,6 @@ func TestGateSuspendsUntilLeaseOrTimeout(t *testing.T) {
 	g := New(SuspendIO, 2*time.Second, nil)
 	g.Enforce()
 	done := make(chan error, 1)
-	start := time.Now()
 	go func() { done <- g.Enter() }()
 	select {
 	case err := <-done:
@@ -111,7 +110,7 @@ func TestGateSuspendsUntilLeaseOrTimeout(t *testing.T) {
 	// Without quorum for the whole timeout, it fails.
 	h := New(SuspendIO, 200*time.Millisecond, nil)
 	h.Enforce()
-	start = time.Now()
+	start := time.Now()
 	if err := h.Enter(); !errors.Is(err, ErrNoLease) || time.Since(start) < 200*time.Millisecond {
 		t.Fatalf("timeout: %v after %s, want ErrNoLease after 200ms", err, time.Since(start))
 	}
