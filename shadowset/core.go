@@ -119,6 +119,8 @@ func (c *Core) step(ev Event) error {
 		return nil
 	case EvHBMM:
 		return c.setHBMM(ev)
+	case EvCovered:
+		return c.covered(ev)
 	}
 	return badf("unknown event kind %d", ev.Kind)
 }
@@ -282,6 +284,14 @@ func (c *Core) hostFailed(name string) error {
 			plans = append(plans, plan{st, op, lookup(row, FocusOthers, op.Kind), false})
 		}
 	}
+	// The failed host's chunks are covered by the other masters that
+	// covered it before the failure (gaps and masters change with it).
+	works := make([]mergeWork, len(focused))
+	befores := make([][]string, len(focused))
+	for i, st := range focused {
+		works[i] = c.requiredMerge(st, []string{name}, name)
+		befores[i] = c.masters(st)
+	}
 	h.Alive = false
 	c.notef("host %s failed", name)
 	for _, st := range focused {
@@ -294,11 +304,12 @@ func (c *Core) hostFailed(name string) error {
 		}
 		c.apply(p.st, p.op, p.e, ctx)
 	}
-	for _, st := range focused {
+	for i, st := range focused {
 		if len(st.Mounted) == 0 {
 			c.orphan(st, ctx.reason)
 		}
-		c.foldMerge(st, c.requiredMerge(st))
+		c.foldMerge(st, works[i])
+		c.refreshMasters(st, befores[i], "")
 	}
 	c.loseBitmaps(name)
 	c.openWindow(RowFailureCommon, "failure of "+name)
@@ -398,9 +409,15 @@ func (c *Core) defineSet(spec *SetSpec) error {
 	for _, m := range spec.Members {
 		st.Members = append(st.Members, memberState{Name: m, Role: FullMember})
 	}
+	if spec.HBMMCount < 0 || spec.HBMMCount > MaxHBMMCount {
+		return badf("set %s: HBMM count %d out of range 0–%d", spec.Name, spec.HBMMCount, MaxHBMMCount)
+	}
+	if len(spec.HBMM) > 0 {
+		st.HBMMCount = spec.HBMMCount
+	}
 	c.s.Sets = append(c.s.Sets, st)
 	if spec.Dirty {
-		c.foldMerge(st, c.requiredMerge(st))
+		c.foldMerge(st, c.requiredMerge(st, st.sortedMounted(), ""))
 	}
 	return nil
 }
@@ -443,7 +460,7 @@ func (c *Core) defineOp(spec *OpSpec) error {
 			if len(st.HBMM) == 0 {
 				return badf("%s does not use HBMM (no hbmm= hosts)", st.Name)
 			}
-			op.Holders = c.masterHolders(st)
+			op.Holders, op.Writers = c.masters(st), st.sortedMounted()
 			if len(st.Mounted) > 0 && len(op.Holders) == 0 {
 				return badf("no mounted host of %s holds a master bitmap", st.Name)
 			}
@@ -514,33 +531,24 @@ func (c *Core) defineOp(spec *OpSpec) error {
 	return nil
 }
 
-// masterHolders are the hosts holding a master bitmap of the set now: HBMM
-// masters that are up and have it mounted.
-func (c *Core) masterHolders(st *setState) []string {
-	var out []string
-	for _, h := range st.HBMM {
-		if c.s.alive(h) && st.mountedOn(h) {
-			out = append(out, h)
-		}
-	}
-	slices.Sort(out)
-	return out
-}
-
 // mergeWork is a merge a set requires: its kind and, for a minimerge, the
-// hosts whose bitmaps cover it.
+// hosts whose bitmaps cover it and the writers whose chunks it covers.
 type mergeWork struct {
 	kind    OpKind
 	holders []string
+	writers []string
 }
 
-func (c *Core) requiredMerge(st *setState) mergeWork {
+// requiredMerge is the merge that the chunks of writers need: a minimerge
+// when some master other than gone (a host that failed or aborted) covers
+// all of them.
+func (c *Core) requiredMerge(st *setState, writers []string, gone string) mergeWork {
 	if st.Controller {
 		return mergeWork{kind: ControllerMinimerge}
 	}
 	if len(st.HBMM) > 0 {
-		if hs := c.masterHolders(st); len(hs) > 0 {
-			return mergeWork{kind: Minimerge, holders: hs}
+		if hs := c.coverers(st, writers, gone); len(hs) > 0 {
+			return mergeWork{kind: Minimerge, holders: hs, writers: slices.Clone(writers)}
 		}
 	}
 	return mergeWork{kind: FullMerge}
@@ -551,7 +559,7 @@ func (c *Core) requiredMerge(st *setState) mergeWork {
 func (c *Core) foldMerge(st *setState, w mergeWork) {
 	op := st.mergeOp()
 	if op == nil {
-		op = &opState{ID: c.s.NextOp, Kind: w.kind, State: Pending, Holders: slices.Clone(w.holders)}
+		op = &opState{ID: c.s.NextOp, Kind: w.kind, State: Pending, Holders: slices.Clone(w.holders), Writers: slices.Clone(w.writers)}
 		c.s.NextOp++
 		st.Ops = append(st.Ops, op)
 		c.notef("%s: %s required (op%d)", st.Name, w.kind, op.ID)
@@ -573,6 +581,12 @@ func (c *Core) foldMerge(st *setState, w mergeWork) {
 		if len(both) == 0 {
 			kind = FullMerge
 		}
+		for _, w := range w.writers {
+			if !slices.Contains(op.Writers, w) {
+				op.Writers = append(op.Writers, w)
+			}
+		}
+		slices.SortFunc(op.Writers, compareNames)
 	case op.Kind != w.kind:
 		kind = FullMerge
 	}
@@ -581,7 +595,7 @@ func (c *Core) foldMerge(st *setState, w mergeWork) {
 		op.Kind = kind
 	}
 	if kind != Minimerge {
-		op.Holders = nil
+		op.Holders, op.Writers = nil, nil
 	}
 }
 
@@ -597,7 +611,9 @@ func (c *Core) mount(set, host string) error {
 		return badf("%s is already mounted on %s", set, host)
 	}
 	first := len(st.Mounted) == 0
+	before := c.masters(st)
 	st.Mounted = append(st.Mounted, host)
+	c.refreshMasters(st, before, host)
 	if !first {
 		return nil
 	}
@@ -621,7 +637,9 @@ func (c *Core) dismount(set, host string) error {
 	if !st.mountedOn(host) {
 		return badf("%s is not mounted on %s", set, host)
 	}
+	before := c.masters(st)
 	c.unmount(st, host)
+	c.refreshMasters(st, before, "")
 	if len(st.Mounted) == 0 {
 		c.orphan(st, "dismounted on "+host)
 		return nil
@@ -654,7 +672,9 @@ func (c *Core) abort(set, host string) error {
 		}
 	}
 	ctx := outcomeCtx{lostHost: host, reason: set + " aborted on " + host}
+	work, before := c.requiredMerge(st, []string{host}, host), c.masters(st)
 	c.unmount(st, host)
+	c.refreshMasters(st, before, "")
 	c.notef("%s aborted on %s", set, host)
 	if len(st.Mounted) == 0 {
 		c.orphan(st, ctx.reason)
@@ -663,7 +683,7 @@ func (c *Core) abort(set, host string) error {
 			c.apply(st, op, lookup(RowAbort, FocusAborted, op.Kind), ctx)
 		}
 	}
-	c.foldMerge(st, c.requiredMerge(st))
+	c.foldMerge(st, work)
 	c.applyOthers(st, RowAbort, sharers, ctx)
 	c.openWindow(RowAbort, set+" abort on "+host)
 	return nil
@@ -716,15 +736,27 @@ func (c *Core) setHBMM(ev Event) error {
 	if err := c.checkHBMMHosts(hosts); err != nil {
 		return err
 	}
+	count := 0
+	if ev.Spec != nil {
+		count = ev.Spec.HBMMCount
+	}
+	if count < 0 || count > MaxHBMMCount {
+		return badf("%s: HBMM count %d out of range 0–%d", st.Name, count, MaxHBMMCount)
+	}
 	if op := st.mergeOp(); op != nil && op.Kind == Minimerge {
 		return badf("%s has op%d minimerge %s; change its HBMM policy when it completes", st.Name, op.ID, op.State)
 	}
-	st.HBMM = slices.Clone(hosts)
+	before := c.masters(st)
+	st.HBMM, st.HBMMCount = slices.Clone(hosts), count
 	if len(hosts) == 0 {
+		st.HBMMCount = 0
 		c.notef("%s: HBMM disabled", st.Name)
+	} else if count > 0 {
+		c.notef("%s: HBMM masters %s (count %d)", st.Name, strings.Join(hosts, ","), count)
 	} else {
 		c.notef("%s: HBMM masters %s", st.Name, strings.Join(hosts, ","))
 	}
+	c.refreshMasters(st, before, "")
 	return nil
 }
 
@@ -846,7 +878,7 @@ func (c *Core) demandMerge(set string) error {
 	if len(st.Mounted) == 0 {
 		return badf("%s is not mounted on any host", set)
 	}
-	focus, work := FocusNoController, c.requiredMerge(st)
+	focus, work := FocusNoController, c.requiredMerge(st, st.sortedMounted(), "")
 	if st.Controller {
 		focus, work = FocusController, mergeWork{kind: FullMerge}
 	}

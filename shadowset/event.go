@@ -69,6 +69,13 @@ const (
 	// and while a minimerge is pending or running (its bitmaps would
 	// change under it).
 	EvHBMM
+	// EvCovered: writer Host has emptied its cache of known-set chunks,
+	// drained the writes it issued before, and flushed every member, after
+	// the masters Spec.HBMM became its masters: from now on each of them
+	// that is still a master of Set holds every chunk Host may leave
+	// different, so it counts as covering Host (docs/cluster.md, "A new
+	// master").
+	EvCovered
 	numEventKinds
 )
 
@@ -78,6 +85,7 @@ var eventKindNames = [...]string{
 	EvMount: "mount", EvRemoveMember: "remove-member", EvIOError: "io-error", EvAddMember: "add-member",
 	EvDemandMerge: "demand-merge", EvEvalResources: "eval-resources", EvTick: "tick", EvProgress: "progress",
 	EvComplete: "complete", EvForgetSet: "forget-set", EvHBMM: "hbmm",
+	EvCovered: "covered",
 }
 
 func (k EventKind) String() string {
@@ -119,8 +127,11 @@ type SetSpec struct {
 	Name    string   `json:"name"`
 	Members []string `json:"members"`
 	Mounted []string `json:"mounted,omitempty"`
-	// HBMM lists the hosts holding master write bitmaps; empty: no HBMM.
+	// HBMM lists the hosts eligible to hold master write bitmaps, in the
+	// policy's order of preference (MASTER_LIST); empty: no HBMM.
 	HBMM []string `json:"hbmm,omitempty"`
+	// HBMMCount is how many of them are masters at once (COUNT); 0: all.
+	HBMMCount int `json:"hbmm_count,omitempty"`
 	// Controller: the set uses write logs (controller minimerge).
 	Controller bool `json:"controller,omitempty"`
 	// Dirty: a merge is required.

@@ -20,6 +20,7 @@ import (
 //
 //	print-table   # Table 8-1 as implemented
 //	show          # every set with its ops in queue order
+//	masters       # every HBMM set's masters, gaps, and minimerges' holders and writers
 func TestInteraction(t *testing.T) {
 	datadriven.Walk(t, "testdata", func(t *testing.T, path string) {
 		r := replay.NewRunner(nil)
@@ -29,6 +30,8 @@ func TestInteraction(t *testing.T) {
 				return shadowset.FormatTable()
 			case "show":
 				return show(r.Core)
+			case "masters":
+				return masters(r.Core)
 			}
 			line := d.Cmd
 			for _, a := range d.CmdArgs {
@@ -74,6 +77,29 @@ func show(c *shadowset.Core) string {
 		for _, op := range s.Ops {
 			fmt.Fprintf(&b, "  %s\n", replay.DescribeOp(op))
 		}
+	}
+	return b.String()
+}
+
+func masters(c *shadowset.Core) string {
+	var b strings.Builder
+	for _, s := range c.Sets() {
+		if len(s.HBMM) == 0 {
+			continue
+		}
+		fmt.Fprintf(&b, "%s masters=%s", s.Name, strings.Join(s.Masters, ","))
+		for _, g := range s.Gaps {
+			fmt.Fprintf(&b, " gap=%s>%s", g.Master, g.Writer)
+		}
+		b.WriteString("\n")
+		for _, op := range s.Ops {
+			if op.Kind == shadowset.Minimerge {
+				fmt.Fprintf(&b, "  op%d holders=%s writers=%s\n", op.ID, strings.Join(op.Holders, ","), strings.Join(op.Writers, ","))
+			}
+		}
+	}
+	if b.Len() == 0 {
+		return "no HBMM set\n"
 	}
 	return b.String()
 }

@@ -73,6 +73,11 @@ type setState struct {
 	Members    []memberState `json:"members"`
 	Mounted    []string      `json:"mounted,omitempty"`
 	HBMM       []string      `json:"hbmm,omitempty"`
+	HBMMCount  int           `json:"hbmm_count,omitempty"`
+	// Gaps are the (master, writer) pairs where the master has become one
+	// after the writer mounted, and the writer has not yet reported the
+	// handshake (EvCovered) that makes the master's bitmap for it whole.
+	Gaps       []CoverGap    `json:"gaps,omitempty"`
 	Controller bool          `json:"controller,omitempty"`
 	Bitmaps    []bitmapState `json:"bitmaps,omitempty"`
 	Ops        []*opState    `json:"ops,omitempty"`
@@ -89,7 +94,10 @@ type opState struct {
 	// Bitmap is the host holding a minicopy's master bitmap.
 	Bitmap string `json:"bitmap,omitempty"`
 	// Holders are the hosts whose master bitmaps cover a minimerge's work.
-	Holders   []string `json:"holders,omitempty"`
+	Holders []string `json:"holders,omitempty"`
+	// Writers are the hosts whose chunks a minimerge covers (a failed
+	// writer, every writer for a demand merge).
+	Writers   []string `json:"writers,omitempty"`
 	AddedWork int      `json:"added_work,omitempty"`
 	History   []Word   `json:"history,omitempty"`
 	// Started: the op has run (or was found underway), so Table 8-1's
@@ -126,11 +134,13 @@ func (s *state) clone() *state {
 		sc.Members = slices.Clone(st.Members)
 		sc.Mounted = slices.Clone(st.Mounted)
 		sc.HBMM = slices.Clone(st.HBMM)
+		sc.Gaps = slices.Clone(st.Gaps)
 		sc.Bitmaps = slices.Clone(st.Bitmaps)
 		sc.Ops = make([]*opState, len(st.Ops))
 		for j, op := range st.Ops {
 			oc := *op
 			oc.Holders = slices.Clone(op.Holders)
+			oc.Writers = slices.Clone(op.Writers)
 			oc.History = slices.Clone(op.History)
 			sc.Ops[j] = &oc
 		}

@@ -54,6 +54,7 @@ type OpView struct {
 	Target    string
 	Bitmap    string
 	Holders   []string
+	Writers   []string
 	AddedWork int
 	History   []Word
 	// Attempt counts the op's starts (a report of another attempt is
@@ -75,9 +76,26 @@ type SetView struct {
 	Members    []MemberView
 	Removed    []MemberView // former members with a minicopy bitmap
 	Mounted    []string
+	// HBMM are the master candidates, sorted; Masters those holding
+	// master bitmaps now; Gaps the masters that do not yet cover a writer.
 	HBMM       []string
+	HBMMCount  int
+	Masters    []string
+	Gaps       []CoverGap
 	Controller bool
 	Ops        []OpView
+}
+
+// CoverGap: Master holds master bitmaps of the set but does not yet cover
+// Writer (Writer has not reported its handshake for it).
+type CoverGap struct {
+	Master string `json:"master"`
+	Writer string `json:"writer"`
+}
+
+// Covers reports whether master's bitmap for writer is whole.
+func (v SetView) Covers(master, writer string) bool {
+	return slices.Contains(v.Masters, master) && !slices.Contains(v.Gaps, CoverGap{Master: master, Writer: writer})
 }
 
 // HostView is a read-only copy of a host.
@@ -123,7 +141,8 @@ func (c *Core) Priority(host, set string) int { return c.s.priority(host, set) }
 func (c *Core) Delay() time.Duration { return c.s.Delay }
 
 func (c *Core) setView(st *setState) SetView {
-	v := SetView{Name: st.Name, Mounted: st.sortedMounted(), HBMM: slices.Sorted(slices.Values(st.HBMM)), Controller: st.Controller}
+	v := SetView{Name: st.Name, Mounted: st.sortedMounted(), HBMM: slices.Sorted(slices.Values(st.HBMM)), HBMMCount: st.HBMMCount,
+		Masters: c.masters(st), Gaps: sortedGaps(st.Gaps), Controller: st.Controller}
 	for _, m := range st.Members {
 		v.Members = append(v.Members, MemberView{Name: m.Name, Role: m.Role})
 	}
@@ -135,7 +154,7 @@ func (c *Core) setView(st *setState) SetView {
 	for _, op := range st.queue() {
 		v.Ops = append(v.Ops, OpView{
 			ID: op.ID, Set: st.Name, Kind: op.Kind, State: op.State, Host: op.Host, LastHost: op.LastHost,
-			LBN: op.LBN, Target: op.Target, Bitmap: op.Bitmap, Holders: slices.Clone(op.Holders),
+			LBN: op.LBN, Target: op.Target, Bitmap: op.Bitmap, Holders: slices.Clone(op.Holders), Writers: slices.Clone(op.Writers),
 			AddedWork: op.AddedWork, History: slices.Clone(op.History), Attempt: op.Attempt,
 		})
 	}
@@ -151,11 +170,14 @@ func (c *Core) ShuffleInternal(shuffle func(n int, swap func(i, j int))) {
 	shuffleSlice(shuffle, c.s.Sets)
 	for _, st := range c.s.Sets {
 		shuffleSlice(shuffle, st.Mounted)
-		shuffleSlice(shuffle, st.HBMM)
+		// (st.HBMM is not shuffled: it is the policy's order of
+		// preference, which decides the masters under a COUNT.)
+		shuffleSlice(shuffle, st.Gaps)
 		shuffleSlice(shuffle, st.Bitmaps)
 		shuffleSlice(shuffle, st.Ops)
 		for _, op := range st.Ops {
 			shuffleSlice(shuffle, op.Holders)
+			shuffleSlice(shuffle, op.Writers)
 		}
 	}
 }
@@ -189,6 +211,12 @@ func (c *Core) CheckInvariants() error {
 		}
 		if st.fullMembers() == 0 {
 			return fmt.Errorf("%s has no full member", st.Name)
+		}
+		masters := c.masters(st)
+		for _, g := range st.Gaps {
+			if !slices.Contains(masters, g.Master) || !st.mountedOn(g.Writer) || g.Master == g.Writer {
+				return fmt.Errorf("%s has a stale cover gap %s→%s", st.Name, g.Master, g.Writer)
+			}
 		}
 		for _, h := range st.Mounted {
 			if !c.s.alive(h) {

@@ -123,7 +123,17 @@ func formatEvent(core *shadowset.Core, ev shadowset.Event) (string, error) {
 		if ev.Spec != nil && len(ev.Spec.HBMM) > 0 {
 			hosts = strings.Join(ev.Spec.HBMM, ",")
 		}
-		return "hbmm " + ev.Set + " " + hosts, nil
+		line := "hbmm " + ev.Set + " " + hosts
+		if ev.Spec != nil && ev.Spec.HBMMCount > 0 {
+			line += fmt.Sprintf(" count=%d", ev.Spec.HBMMCount)
+		}
+		return line, nil
+	case shadowset.EvCovered:
+		var ms []string
+		if ev.Spec != nil {
+			ms = ev.Spec.HBMM
+		}
+		return "covered " + ev.Set + " on=" + ev.Host + " masters=" + strings.Join(ms, ","), nil
 	case shadowset.EvProgress, shadowset.EvComplete:
 		if stale(core, ev) {
 			return fmt.Sprintf("# stale %s of op%d attempt %d from %s ignored (lbn=%d)", ev.Kind, ev.Op, ev.Attempt, ev.Host, ev.LBN), nil

@@ -334,8 +334,33 @@ func ParseLine(line string) (d Directive, ok bool, err error) {
 		if a.pos[1] != "none" {
 			spec.HBMM = strings.Split(a.pos[1], ",")
 		}
+		if v, ok := a.opt("count"); ok {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 {
+				return d, false, fmt.Errorf("%w: hbmm count=%q: want a positive number", ErrSyntax, v)
+			}
+			spec.HBMMCount = n
+		}
 		ev(shadowset.Event{Kind: shadowset.EvHBMM, Set: a.pos[0], Spec: spec})
 		want = 2
+	case "covered":
+		if err := a.need(1, "a set"); err != nil {
+			return d, false, err
+		}
+		h, err := needOn()
+		if err != nil {
+			return d, false, err
+		}
+		v, _ := a.opt("masters")
+		ms, err := list(v)
+		if err != nil {
+			return d, false, err
+		}
+		if len(ms) == 0 {
+			return d, false, fmt.Errorf("%w: covered needs masters=HOST,...", ErrSyntax)
+		}
+		ev(shadowset.Event{Kind: shadowset.EvCovered, Set: a.pos[0], Host: h, Spec: &shadowset.SetSpec{Name: a.pos[0], HBMM: ms}})
+		want = 1
 	case "demand-merge", "complete", "forget":
 		if err := a.need(1, "a set"); err != nil {
 			return d, false, err

@@ -1,0 +1,143 @@
+package shadowset
+
+import (
+	"slices"
+	"strings"
+)
+
+// HBMM masters across hosts. Every host that mounts a set writes to it;
+// each writer records its chunks on the set's masters before its writes
+// reach a member, and each master keeps one bitmap per writer. The core
+// decides who the masters are and which of them cover which writer, so
+// that every host computes the same minimerge from the same log:
+//
+//   - The masters are the first HBMMCount candidates (all, with 0), in the
+//     policy's order, that are up and mount the set. A lone master is also
+//     a writer, and its failure would take its own chunks' only bitmap
+//     down with it: when the count leaves one master and another candidate
+//     is eligible, that one is a master too.
+//   - A master that was one when a writer mounted covers that writer: the
+//     writer's first write already goes to it.
+//   - A master that becomes one later (a replacement, a policy change, a
+//     candidate that mounts) has missed the writer's earlier chunks and may
+//     be absent from the writer's cache of known-set chunks. It covers the
+//     writer only after the writer has emptied that cache, drained the
+//     writes it issued before, flushed every member (so nothing written
+//     before can still differ) and said so with EvCovered. Until then the
+//     pair is a gap.
+//   - A master covers its own writes (its own bitmap is local), but never
+//     survives its own failure: a failed writer is covered only by the
+//     other masters.
+
+// MaxHBMMCount is OpenVMS's limit on a policy's COUNT.
+const MaxHBMMCount = 12
+
+// masters are the hosts holding the set's master bitmaps now, sorted.
+func (c *Core) masters(st *setState) []string {
+	var eligible []string
+	for _, h := range st.HBMM {
+		if c.s.alive(h) && st.mountedOn(h) {
+			eligible = append(eligible, h)
+		}
+	}
+	n := len(eligible)
+	if st.HBMMCount > 0 {
+		n = min(n, max(st.HBMMCount, 2))
+	}
+	out := slices.Clone(eligible[:n])
+	slices.SortFunc(out, compareNames)
+	return out
+}
+
+func (st *setState) gap(master, writer string) bool {
+	return slices.Contains(st.Gaps, CoverGap{Master: master, Writer: writer})
+}
+
+// refreshMasters records the gaps a change of masters opens and drops the
+// ones it closes. before are the masters before the change; fresh, a host
+// that has just mounted (its writes all come after, so every master
+// covers it).
+func (c *Core) refreshMasters(st *setState, before []string, fresh string) {
+	after := c.masters(st)
+	for _, m := range after {
+		if slices.Contains(before, m) {
+			continue
+		}
+		var waits []string
+		for _, w := range st.sortedMounted() {
+			if w == m || w == fresh || st.gap(m, w) {
+				continue
+			}
+			st.Gaps = append(st.Gaps, CoverGap{Master: m, Writer: w})
+			waits = append(waits, w)
+		}
+		if len(waits) > 0 {
+			c.notef("%s: %s becomes an HBMM master; it covers %s after their handshake", st.Name, m, strings.Join(waits, ","))
+		}
+	}
+	st.Gaps = slices.DeleteFunc(st.Gaps, func(g CoverGap) bool {
+		return !slices.Contains(after, g.Master) || !st.mountedOn(g.Writer)
+	})
+}
+
+// coverers are the masters, other than gone, whose bitmaps cover every
+// one of writers.
+func (c *Core) coverers(st *setState, writers []string, gone string) []string {
+	var out []string
+	for _, m := range c.masters(st) {
+		if m == gone {
+			continue
+		}
+		whole := true
+		for _, w := range writers {
+			if w != m && st.gap(m, w) {
+				whole = false
+			}
+		}
+		if whole {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// covered applies EvCovered.
+func (c *Core) covered(ev Event) error {
+	st, err := c.knownSet(ev.Set)
+	if err != nil {
+		return err
+	}
+	if _, err := c.liveHost(ev.Host); err != nil {
+		return err
+	}
+	if !st.mountedOn(ev.Host) {
+		return badf("%s is not mounted on %s", st.Name, ev.Host)
+	}
+	if ev.Spec == nil || len(ev.Spec.HBMM) == 0 {
+		return badf("covered %s: name the masters %s drained its writes for", st.Name, ev.Host)
+	}
+	var closed []string
+	st.Gaps = slices.DeleteFunc(st.Gaps, func(g CoverGap) bool {
+		if g.Writer == ev.Host && slices.Contains(ev.Spec.HBMM, g.Master) {
+			closed = append(closed, g.Master)
+			return true
+		}
+		return false
+	})
+	if len(closed) > 0 {
+		slices.SortFunc(closed, compareNames)
+		c.notef("%s: %s covered by %s", st.Name, ev.Host, strings.Join(closed, ","))
+	}
+	return nil
+}
+
+func sortedGaps(gs []CoverGap) []CoverGap {
+	out := slices.Clone(gs)
+	slices.SortFunc(out, func(a, b CoverGap) int {
+		if d := compareNames(a.Master, b.Master); d != 0 {
+			return d
+		}
+		return compareNames(a.Writer, b.Writer)
+	})
+	return out
+}
