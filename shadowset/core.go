@@ -402,18 +402,14 @@ func (c *Core) defineSet(spec *SetSpec) error {
 			return err
 		}
 	}
-	if err := c.checkHBMMHosts(spec.HBMM); err != nil {
+	lists := listsOf(spec)
+	hosts, err := c.checkLists(lists)
+	if err != nil {
 		return err
 	}
-	st := &setState{Name: spec.Name, Mounted: slices.Clone(spec.Mounted), HBMM: slices.Clone(spec.HBMM), Controller: spec.Controller}
+	st := &setState{Name: spec.Name, Mounted: slices.Clone(spec.Mounted), HBMM: hosts, Lists: lists, Controller: spec.Controller}
 	for _, m := range spec.Members {
 		st.Members = append(st.Members, memberState{Name: m, Role: FullMember})
-	}
-	if spec.HBMMCount < 0 || spec.HBMMCount > MaxHBMMCount {
-		return badf("set %s: HBMM count %d out of range 0–%d", spec.Name, spec.HBMMCount, MaxHBMMCount)
-	}
-	if len(spec.HBMM) > 0 {
-		st.HBMMCount = spec.HBMMCount
 	}
 	c.s.Sets = append(c.s.Sets, st)
 	if spec.Dirty {
@@ -726,34 +722,25 @@ func (c *Core) setHBMM(ev Event) error {
 	if err != nil {
 		return err
 	}
-	var hosts []string
-	if ev.Spec != nil {
-		hosts = ev.Spec.HBMM
-	}
-	if st.Controller && len(hosts) > 0 {
+	lists := listsOf(ev.Spec)
+	if st.Controller && len(lists) > 0 {
 		return badf("%s uses write logs (controller minimerge); a set uses HBMM or write logs, not both", st.Name)
 	}
-	if err := c.checkHBMMHosts(hosts); err != nil {
+	hosts, err := c.checkLists(lists)
+	if err != nil {
 		return err
-	}
-	count := 0
-	if ev.Spec != nil {
-		count = ev.Spec.HBMMCount
-	}
-	if count < 0 || count > MaxHBMMCount {
-		return badf("%s: HBMM count %d out of range 0–%d", st.Name, count, MaxHBMMCount)
 	}
 	if op := st.mergeOp(); op != nil && op.Kind == Minimerge {
 		return badf("%s has op%d minimerge %s; change its HBMM policy when it completes", st.Name, op.ID, op.State)
 	}
 	before := c.masters(st)
-	st.HBMM, st.HBMMCount = slices.Clone(hosts), count
-	if len(hosts) == 0 {
-		st.HBMMCount = 0
+	st.HBMM, st.Lists = hosts, lists
+	switch {
+	case len(hosts) == 0:
 		c.notef("%s: HBMM disabled", st.Name)
-	} else if count > 0 {
-		c.notef("%s: HBMM masters %s (count %d)", st.Name, strings.Join(hosts, ","), count)
-	} else {
+	case len(lists) == 1 && lists[0].Count > 0:
+		c.notef("%s: HBMM masters %s (count %d)", st.Name, strings.Join(hosts, ","), lists[0].Count)
+	default:
 		c.notef("%s: HBMM masters %s", st.Name, strings.Join(hosts, ","))
 	}
 	c.refreshMasters(st, before, "")

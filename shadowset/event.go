@@ -132,6 +132,9 @@ type SetSpec struct {
 	HBMM []string `json:"hbmm,omitempty"`
 	// HBMMCount is how many of them are masters at once (COUNT); 0: all.
 	HBMMCount int `json:"hbmm_count,omitempty"`
+	// HBMMLists, when given, is the policy's master lists (HBMM is then
+	// their hosts, and HBMMCount is unused).
+	HBMMLists []MasterList `json:"hbmm_lists,omitempty"`
 	// Controller: the set uses write logs (controller minimerge).
 	Controller bool `json:"controller,omitempty"`
 	// Dirty: a merge is required.

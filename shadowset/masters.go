@@ -11,11 +11,11 @@ import (
 // decides who the masters are and which of them cover which writer, so
 // that every host computes the same minimerge from the same log:
 //
-//   - The masters are the first HBMMCount candidates (all, with 0), in the
-//     policy's order, that are up and mount the set. A lone master is also
-//     a writer, and its failure would take its own chunks' only bitmap
-//     down with it: when the count leaves one master and another candidate
-//     is eligible, that one is a master too.
+//   - The masters are chosen by the policy's master lists (OpenVMS's
+//     MASTER_LIST and COUNT) among the hosts that are up and mount the
+//     set. A lone master is also a writer, and its failure would take its
+//     own chunks' only bitmap down with it: when the lists leave one
+//     master and another candidate is eligible, that one is a master too.
 //   - A master that was one when a writer mounted covers that writer: the
 //     writer's first write already goes to it.
 //   - A master that becomes one later (a replacement, a policy change, a
@@ -29,22 +29,115 @@ import (
 //     survives its own failure: a failed writer is covered only by the
 //     other masters.
 
-// MaxHBMMCount is OpenVMS's limit on a policy's COUNT.
-const MaxHBMMCount = 12
+// MaxHBMMCount is OpenVMS's limit on a policy's COUNT; MaxMasters on the
+// masters of one set.
+const (
+	MaxHBMMCount = 12
+	MaxMasters   = 6
+)
 
-// masters are the hosts holding the set's master bitmaps now, sorted.
-func (c *Core) masters(st *setState) []string {
-	var eligible []string
-	for _, h := range st.HBMM {
-		if c.s.alive(h) && st.mountedOn(h) {
-			eligible = append(eligible, h)
+// MasterList is one of a policy's master lists: up to Count of Hosts ("*":
+// any host) hold master bitmaps; Count 0: min(len(Hosts), MaxMasters).
+type MasterList struct {
+	Hosts []string `json:"hosts"`
+	Count int      `json:"count,omitempty"`
+}
+
+func cloneLists(ls []MasterList) []MasterList {
+	out := slices.Clone(ls)
+	for i := range out {
+		out[i].Hosts = slices.Clone(ls[i].Hosts)
+	}
+	return out
+}
+
+// listsOf is a spec's master lists: HBMMLists, or one list of HBMM.
+func listsOf(spec *SetSpec) []MasterList {
+	if spec == nil {
+		return nil
+	}
+	if len(spec.HBMMLists) > 0 {
+		return cloneLists(spec.HBMMLists)
+	}
+	if len(spec.HBMM) == 0 {
+		return nil
+	}
+	return []MasterList{{Hosts: slices.Clone(spec.HBMM), Count: spec.HBMMCount}}
+}
+
+// checkLists validates master lists and returns their hosts.
+func (c *Core) checkLists(ls []MasterList) ([]string, error) {
+	var hosts []string
+	for _, l := range ls {
+		if len(l.Hosts) == 0 {
+			return nil, badf("an HBMM master list names no host")
+		}
+		if l.Count < 0 || l.Count > MaxHBMMCount {
+			return nil, badf("HBMM count %d out of range 0–%d", l.Count, MaxHBMMCount)
+		}
+		for _, h := range l.Hosts {
+			if h == "*" {
+				continue
+			}
+			if slices.Contains(hosts, h) {
+				return nil, badf("hbmm host %s named twice", h)
+			}
+			hosts = append(hosts, h)
 		}
 	}
-	n := len(eligible)
-	if st.HBMMCount > 0 {
-		n = min(n, max(st.HBMMCount, 2))
+	if err := c.checkHBMMHosts(hosts); err != nil {
+		return nil, err
 	}
-	out := slices.Clone(eligible[:n])
+	if len(ls) > 0 && len(hosts) == 0 {
+		hosts = []string{"*"}
+	}
+	return hosts, nil
+}
+
+// masters are the hosts holding the set's master bitmaps now, sorted:
+// from each list in turn, up to its count of its hosts (in the list's
+// order; any host, by name, for "*") that are up and mount the set, at
+// most MaxMasters in all.
+func (c *Core) masters(st *setState) []string {
+	eligible := func(h string) bool { return c.s.alive(h) && st.mountedOn(h) }
+	var out []string
+	for _, l := range st.Lists {
+		count := l.Count
+		if count <= 0 {
+			count = min(len(l.Hosts), MaxMasters)
+		}
+		hosts := l.Hosts
+		if slices.Contains(hosts, "*") {
+			hosts = st.sortedMounted()
+			if l.Count <= 0 {
+				count = MaxMasters
+			}
+		}
+		took := 0
+		for _, h := range hosts {
+			if took >= count || len(out) >= MaxMasters {
+				break
+			}
+			if eligible(h) && !slices.Contains(out, h) {
+				out = append(out, h)
+				took++
+			}
+		}
+	}
+	if len(out) == 1 {
+		// A lone master is a writer too: add the next eligible candidate.
+		for _, l := range st.Lists {
+			hosts := l.Hosts
+			if slices.Contains(hosts, "*") {
+				hosts = st.sortedMounted()
+			}
+			for _, h := range hosts {
+				if len(out) == 1 && eligible(h) && h != out[0] {
+					out = append(out, h)
+				}
+			}
+		}
+	}
 	slices.SortFunc(out, compareNames)
 	return out
 }

@@ -72,8 +72,10 @@ type setState struct {
 	Name       string        `json:"name"`
 	Members    []memberState `json:"members"`
 	Mounted    []string      `json:"mounted,omitempty"`
+	// HBMM are the master candidates (every host of Lists), Lists the
+	// policy's master lists in order.
 	HBMM       []string      `json:"hbmm,omitempty"`
-	HBMMCount  int           `json:"hbmm_count,omitempty"`
+	Lists      []MasterList  `json:"hbmm_lists,omitempty"`
 	// Gaps are the (master, writer) pairs where the master has become one
 	// after the writer mounted, and the writer has not yet reported the
 	// handshake (EvCovered) that makes the master's bitmap for it whole.
@@ -135,6 +137,7 @@ func (s *state) clone() *state {
 		sc.Mounted = slices.Clone(st.Mounted)
 		sc.HBMM = slices.Clone(st.HBMM)
 		sc.Gaps = slices.Clone(st.Gaps)
+		sc.Lists = cloneLists(st.Lists)
 		sc.Bitmaps = slices.Clone(st.Bitmaps)
 		sc.Ops = make([]*opState, len(st.Ops))
 		for j, op := range st.Ops {
