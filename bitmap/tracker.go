@@ -37,6 +37,18 @@ type Tracker struct {
 	cache *roaring64.Bitmap
 	sinks map[string]*Bitmap
 	names []string // sorted keys of sinks, so Mark visits sinks in a fixed order
+	// remote records chunks on other hosts (nil: none). gen counts the
+	// cache's invalidations: a remote miss that waited across one must not
+	// fill the cache with what it sent under the old sinks.
+	remote Remote
+	gen    uint64
+}
+
+// Remote is a sink on other hosts: the set's master bitmaps there. Set
+// returns once the chunks are recorded as the write policy requires, or
+// an error, and then the write must not be issued.
+type Remote interface {
+	Set(first, last uint64) error
 }
 
 // NewTracker returns a tracker with no sink for a set of the given chunk
@@ -63,35 +75,94 @@ func (t *Tracker) ChunkSize() int64 { return t.chunkSize }
 //
 // This is on every write's path. A write whose chunks are all cached costs a
 // read lock and one lookup per chunk, and does not allocate.
-func (t *Tracker) Mark(off, length int64) {
+func (t *Tracker) Mark(off, length int64) error {
 	first, last, ok := chunkRange(t.shift, off, length)
 	if !ok {
-		return
+		return nil
 	}
 	t.mu.RLock()
 	// With no sink there is nothing to record (and the cache is emptied
 	// when one is added), so a set without HBMM or minicopy bitmaps pays
 	// a read lock and nothing more.
-	hit := len(t.names) == 0 || containsChunks(t.cache, first, last)
+	hit := (len(t.names) == 0 && t.remote == nil) || containsChunks(t.cache, first, last)
 	t.mu.RUnlock()
 	if hit {
-		return
+		return nil
 	}
 	t.mu.Lock()
-	defer t.mu.Unlock()
 	// Another writer may have marked the same chunks while this one waited.
 	if containsChunks(t.cache, first, last) {
-		return
+		t.mu.Unlock()
+		return nil
 	}
 	for _, name := range t.names {
 		t.sinks[name].addChunks(first, last)
 	}
-	// Only now, with every sink holding the chunks, may the cache claim them.
+	remote, gen := t.remote, t.gen
+	if remote == nil {
+		t.cacheChunks(first, last)
+		t.mu.Unlock()
+		return nil
+	}
+	// The remote round trip runs without the lock, so that concurrent
+	// misses can share one message; the local sinks already hold the
+	// chunks (a bit too many is never wrong).
+	t.mu.Unlock()
+	if err := remote.Set(first, last); err != nil {
+		return err
+	}
+	t.mu.Lock()
+	if t.gen == gen {
+		t.cacheChunks(first, last)
+	}
+	t.mu.Unlock()
+	return nil
+}
+
+// Cached reports whether Mark of the range would return at once (every
+// chunk known set, or nothing to record): the quick path takes only such
+// writes.
+func (t *Tracker) Cached(off, length int64) bool {
+	first, last, ok := chunkRange(t.shift, off, length)
+	if !ok {
+		return true
+	}
+	t.mu.RLock()
+	defer t.mu.RUnlock()
+	return (len(t.names) == 0 && t.remote == nil) || containsChunks(t.cache, first, last)
+}
+
+// cacheChunks claims chunks for the cache; only with every sink holding
+// them.
+func (t *Tracker) cacheChunks(first, last uint64) {
 	if first == last {
 		t.cache.Add(first)
 	} else {
 		t.cache.AddRange(first, last+1)
 	}
+}
+
+// SetRemote makes r the remote sink (nil: none) and empties the cache: a
+// new master has seen none of the chunks the cache claims. Writes marked
+// before it returns may have skipped r; the caller drains them before it
+// counts r as whole.
+func (t *Tracker) SetRemote(r Remote) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.remote = r
+	t.invalidate()
+}
+
+// Invalidate empties the cache (a reset of remote bitmaps).
+func (t *Tracker) Invalidate() {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.invalidate()
+}
+
+func (t *Tracker) invalidate() {
+	t.cache.Clear()
+	t.gen++
 }
 
 // AddSink registers b as a sink under name; it must have the tracker's
@@ -110,7 +181,7 @@ func (t *Tracker) AddSink(name string, b *Bitmap) error {
 	if _, ok := t.sinks[name]; ok {
 		return fmt.Errorf("add sink %q: %w", name, ErrSinkExists)
 	}
-	t.cache.Clear()
+	t.invalidate()
 	t.sinks[name] = b
 	i, _ := slices.BinarySearch(t.names, name)
 	t.names = slices.Insert(t.names, i, name)
@@ -167,7 +238,7 @@ func (t *Tracker) Reset(name string) error {
 	if !ok {
 		return fmt.Errorf("reset %q: %w", name, ErrNoSink)
 	}
-	t.cache.Clear()
+	t.invalidate()
 	b.Clear()
 	return nil
 }

@@ -252,3 +252,74 @@ func TestTrackerWithoutSinks(t *testing.T) {
 		t.Fatal("a chunk written before the sink existed was not recorded after it")
 	}
 }
+
+// fakeRemote records the ranges a tracker sends and fails while fail is set.
+type fakeRemote struct {
+	calls [][2]uint64
+	fail  error
+	// during runs inside Set (a cache invalidation racing the round trip).
+	during func()
+}
+
+func (r *fakeRemote) Set(first, last uint64) error {
+	r.calls = append(r.calls, [2]uint64{first, last})
+	if r.during != nil {
+		r.during()
+	}
+	return r.fail
+}
+
+func TestTrackerRemote(t *testing.T) {
+	tr, err := NewTracker(64 << 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &fakeRemote{}
+	tr.SetRemote(r)
+	if tr.Cached(0, 4096) {
+		t.Fatal("a remote sink with an empty cache claims chunk 0 cached")
+	}
+	if err := tr.Mark(0, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if err := tr.Mark(100, 4096); err != nil {
+		t.Fatal(err)
+	}
+	if len(r.calls) != 1 || r.calls[0] != [2]uint64{0, 0} {
+		t.Fatalf("remote calls %v, want one for chunk 0", r.calls)
+	}
+	// A failed remote set fails the mark and leaves the chunk uncached.
+	r.fail = errors.New("master gone")
+	if err := tr.Mark(128<<10, 128<<10); err == nil {
+		t.Fatal("mark succeeded although the remote sink failed")
+	}
+	if tr.Cached(128<<10, 1) {
+		t.Fatal("a chunk whose remote set failed is cached")
+	}
+	r.fail = nil
+	// An invalidation during the round trip keeps the chunk out of the
+	// cache: it was sent to the sinks of before.
+	r.during = tr.Invalidate
+	if err := tr.Mark(5<<20, 1); err != nil {
+		t.Fatal(err)
+	}
+	r.during = nil
+	if tr.Cached(5<<20, 1) {
+		t.Fatal("a chunk marked across an invalidation is cached")
+	}
+	// SetRemote empties the cache.
+	if err := tr.Mark(0, 1); err != nil {
+		t.Fatal(err)
+	}
+	if !tr.Cached(0, 1) {
+		t.Fatal("chunk 0 not cached after its remote set succeeded")
+	}
+	tr.SetRemote(r)
+	if tr.Cached(0, 1) {
+		t.Fatal("SetRemote kept the cache")
+	}
+	tr.SetRemote(nil)
+	if !tr.Cached(0, 1) {
+		t.Fatal("with no sink and no remote, nothing needs recording")
+	}
+}

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"fmt"
+	"github.com/shadow-project/shadow/shadowset"
 	"slices"
 	"strconv"
 	"time"
@@ -35,13 +36,30 @@ import (
 //	   slots, leaves.
 //	2: leases (lease.go): renewal entries, lapses recorded as failures;
 //	   member I/O is fenced from the first renewal on.
+//	3: HBMM across hosts: master candidates with a count, per-writer
+//	   coverage (EvCovered). Below it a cluster refuses HBMM policies: a
+//	   level-2 build keeps a master bitmap of its own writes only, which
+//	   cannot cover another host's.
 
 // buildCoreLevel is this build's core level; tests build an "older"
 // agent with -ldflags "-X github.com/shadow-project/shadow/cluster.buildCoreLevel=1".
-var buildCoreLevel = "2"
+var buildCoreLevel = "3"
 
 // LevelLeases is the level that switches leases on.
 const LevelLeases = 2
+
+// LevelHBMM is the level that switches HBMM across hosts on.
+const LevelHBMM = 3
+
+// checkHBMMLevel refuses HBMM events below LevelHBMM: the hosts would
+// not agree on what a master covers.
+func (l *Log) checkHBMMLevel(ev shadowset.Event) error {
+	hbmm := ev.Kind == shadowset.EvCovered || (ev.Kind == shadowset.EvHBMM && ev.Spec != nil && len(ev.Spec.HBMM) > 0)
+	if hbmm && l.level < LevelHBMM {
+		return fmt.Errorf("%w: HBMM across hosts is off until every host runs core level %d (the cluster runs %d)", shadowset.ErrBadEvent, LevelHBMM, l.level)
+	}
+	return nil
+}
 
 // CoreLevel is this build's core level.
 func CoreLevel() int {

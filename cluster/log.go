@@ -410,6 +410,9 @@ func (l *Log) Apply(index uint64, data []byte) (err error) {
 				return err
 			}
 		}
+		if err := l.checkHBMMLevel(*e.Ev); err != nil {
+			return err
+		}
 		if e.Join {
 			sv, ok := l.core.Set(e.Ev.Set)
 			if !ok || len(sv.Mounted) == 0 {

@@ -22,6 +22,9 @@ const (
 	streamApplied byte = 'W'
 	// streamAck carries a window's acknowledgement to the engine's host.
 	streamAck byte = 'K'
+	// streamBitmaps is a persistent stream of bit-set requests from a
+	// writer to a master (NodeConfig.Bitmaps serves it).
+	streamBitmaps byte = 'B'
 )
 
 // mux accepts connections on the cluster's TCP port and sorts them by
@@ -36,6 +39,7 @@ type mux struct {
 	// connections).
 	applied func(net.Conn)
 	ack     func(net.Conn)
+	bitmaps func(net.Conn)
 	closed  chan struct{}
 	once    sync.Once
 }
@@ -60,6 +64,9 @@ func newMuxTransport(addr string, tr *transport, forward func(net.Conn), applied
 	}
 	if len(applied) > 1 {
 		m.ack = applied[1]
+	}
+	if len(applied) > 2 {
+		m.bitmaps = applied[2]
 	}
 	go m.accept()
 	return m, nil
@@ -99,6 +106,12 @@ func (m *mux) accept() {
 					return
 				}
 				m.ack(c)
+			case streamBitmaps:
+				if m.bitmaps == nil {
+					c.Close()
+					return
+				}
+				m.bitmaps(c)
 			default:
 				c.Close()
 			}

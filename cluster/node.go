@@ -89,6 +89,10 @@ type NodeConfig struct {
 	FSM StateMachine
 	// Reconciler turns the leader's view of membership into log entries.
 	Reconciler Reconciler
+	// Bitmaps serves a stream of bit-set requests another host opened
+	// with DialBitmaps (nil: such streams are closed). It owns the
+	// connection.
+	Bitmaps func(net.Conn)
 }
 
 // StateMachine is what the log is applied to, in order, on every host.
@@ -222,7 +226,7 @@ func Start(cfg NodeConfig) (*Node, error) {
 	n.self = Peer{Host: cfg.Host, Gossip: cfg.Listen, Raft: raftAddr, Witness: cfg.Witness, Inc: inc}
 	n.meta, _ = json.Marshal(nodeMeta{Raft: raftAddr, Witness: cfg.Witness, Version: 1, Inc: inc})
 
-	if n.mux, err = newMuxTransport(raftAddr, n.tr, n.serveForward, n.serveApplied, n.serveAck); err != nil {
+	if n.mux, err = newMuxTransport(raftAddr, n.tr, n.serveForward, n.serveApplied, n.serveAck, cfg.Bitmaps); err != nil {
 		return nil, err
 	}
 	fail := func(err error) (*Node, error) { n.shutdownAll(); return nil, err }
@@ -449,6 +453,17 @@ func (n *Node) Authenticated() bool { return n.tr != nil }
 // TLS when the cluster has a key.
 func (n *Node) dial(addr string, kind byte, timeout time.Duration) (net.Conn, error) {
 	return n.tr.dial(addr, kind, timeout)
+}
+
+// DialBitmaps opens a bit-set stream to host's cluster port (over TLS
+// when the cluster has a key), if gossip sees host alive.
+func (n *Node) DialBitmaps(host string, timeout time.Duration) (net.Conn, error) {
+	for _, p := range n.Alive() {
+		if p.Host == host {
+			return n.dial(p.Raft, streamBitmaps, timeout)
+		}
+	}
+	return nil, fmt.Errorf("cluster: %s is not alive", host)
 }
 
 // Leader returns the leader's host name ("" if none is known).

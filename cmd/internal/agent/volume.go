@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/shadow-project/shadow/bitmap"
@@ -827,7 +828,10 @@ func (vol *volume) BeginWrite(off, n int64) error {
 		vol.cleanMu.Unlock()
 		vol.cleanMu.RLock()
 	}
-	vol.admit(off, n)
+	if err := vol.admit(off, n); err != nil {
+		vol.cleanMu.RUnlock()
+		return err
+	}
 	return nil
 }
 
@@ -840,20 +844,27 @@ func (vol *volume) TryBeginWrite(off, n int64) bool {
 	if !vol.cleanMu.TryRLock() {
 		return false
 	}
-	if !vol.dirty.Load() {
+	if !vol.dirty.Load() || !vol.bm.tracker.Cached(off, n) {
+		// (A chunk not known set may need a round trip to the masters.)
 		vol.cleanMu.RUnlock()
 		return false
 	}
-	vol.admit(off, n)
+	if vol.admit(off, n) != nil {
+		vol.cleanMu.RUnlock()
+		return false
+	}
 	return true
 }
 
 // admit records an admitted write in the bitmaps before any member sees
-// its data.
-func (vol *volume) admit(off, n int64) {
+// its data; an error (the masters could not record it) fails the write.
+func (vol *volume) admit(off, n int64) error {
 	vol.lastWrite.Store(time.Now().UnixNano())
-	vol.bm.tracker.Mark(off, n)
+	if err := vol.bm.tracker.Mark(off, n); err != nil {
+		return fmt.Errorf("record the write on the HBMM masters: %w: %w", err, syscall.EIO)
+	}
 	vol.bm.sinceFlush.Issued(off, n)
+	return nil
 }
 
 // EndWrite (vu.Gate) ends a write BeginWrite admitted.
