@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/shadow-project/shadow/cmd/internal/masters"
 	"net"
 	"os"
 	"sort"
@@ -78,6 +79,11 @@ type Agent struct {
 	wg   sync.WaitGroup
 
 	policies policy.Store
+	// mstore holds the master bitmaps this host keeps, one per (set,
+	// writer); mpool the bit-set streams to other masters (nil on one
+	// host).
+	mstore *masters.Store
+	mpool  *masters.Pool
 
 	// Fencing (lease.go); gate and watchdog are nil without a lease.
 	gate        *fence.Gate
@@ -113,7 +119,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &Agent{cfg: cfg, host: cfg.Host, log: cfg.Logger, ctx: ctx, stop: cancel,
-		sets: map[string]*volume{}, runs: map[shadowset.OpID]*run{}}
+		sets: map[string]*volume{}, runs: map[shadowset.OpID]*run{}, mstore: masters.NewStore()}
 	a.nbd = nbd.NewServer(nbd.Options{Logger: cfg.Logger})
 	if err := a.listenNBD(); err != nil {
 		a.closeListeners()
@@ -284,6 +290,7 @@ func (a *Agent) apply(rd shadowset.Ready) {
 		}
 	}
 	a.syncMergeViews()
+	a.syncHBMMViews()
 }
 
 // cancelRun stops an engine without waiting: its late reports are

@@ -224,12 +224,12 @@ func (a *Agent) effectivePolicy(h hbmmSetting) (policy.HBMMPolicy, error) {
 	return p, nil
 }
 
-// applyHBMM makes the set's HBMM state what h says: the masters go to the
-// core through the log (which refuses while a minimerge exists), then the
-// master bitmap is created or dropped here with no write in flight, so
-// that no write escapes a new bitmap.
+// applyHBMM makes the set's HBMM state what h says: the master lists go
+// to the core through the log (which refuses while a minimerge exists);
+// applying them, every host follows the masters the core picks
+// (syncHBMM): a master keeps bitmaps, a writer sends its chunks there.
 func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
-	var masters []string
+	var lists []shadowset.MasterList
 	if h.enabled {
 		if vol.writeLog {
 			return fmt.Errorf("%w: %s uses write logs; a set uses HBMM or write logs, not both", policy.ErrPolicy, vol.name)
@@ -238,38 +238,32 @@ func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
 		if err != nil {
 			return err
 		}
-		masters = p.Masters([]string{a.host})
+		if lists, err = a.masterLists(p); err != nil {
+			return err
+		}
 	}
 	bm := vol.bm
 	bm.mu.Lock()
 	old := bm.hbmm
 	bm.mu.Unlock()
 	sv, _ := a.setView(vol.name)
-	if h.enabled == old.enabled && slices.Equal(masters, sv.HBMM) {
+	if h.enabled == old.enabled && slices.EqualFunc(lists, sv.Lists, func(x, y shadowset.MasterList) bool {
+		return x.Count == y.Count && slices.Equal(x.Hosts, y.Hosts)
+	}) {
 		bm.mu.Lock()
 		bm.hbmm.own, bm.hbmm.named = h.own, h.named
 		bm.mu.Unlock()
 		return nil
 	}
-	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvHBMM, Set: vol.name, Spec: &shadowset.SetSpec{Name: vol.name, HBMM: masters}}); err != nil {
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvHBMM, Set: vol.name, Spec: &shadowset.SetSpec{Name: vol.name, HBMMLists: lists}}); err != nil {
 		return err
 	}
-	holds := slices.Contains(masters, a.host)
-	vol.quiesce(func() {
-		_, had := bm.hbmmBitmap()
-		switch {
-		case holds && !had:
-			fresh, _ := bitmap.New(bm.chunkSize)
-			_ = bm.tracker.AddSink(bitmap.HBMMSink, fresh)
-		case !holds && had:
-			bm.tracker.RemoveSink(bitmap.HBMMSink)
-		}
-	})
 	bm.mu.Lock()
 	h.resets = old.resets
 	bm.hbmm = h
 	bm.mu.Unlock()
-	a.log.Info().Str("vu", vol.name).Bool("enabled", h.enabled).Strs("masters", masters).Msg("hbmm policy applied")
+	sv, _ = a.setView(vol.name)
+	a.log.Info().Str("vu", vol.name).Bool("enabled", h.enabled).Strs("masters", sv.Masters).Msg("hbmm policy applied")
 	return nil
 }
 
@@ -364,6 +358,17 @@ func (a *Agent) maybeReset(vol *volume) {
 	if bm.tracker.Modified(bitmap.HBMMSink)*bm.blocksPerChunk() <= p.ResetThreshold {
 		return
 	}
+	if vol.hbw != nil {
+		vol.hbw.mu.Lock()
+		remote := len(vol.hbw.remotes) > 0
+		vol.hbw.mu.Unlock()
+		if remote {
+			// Resetting other masters' bitmaps for this writer needs the
+			// cross-host protocol (invalidated and flushed, by sequence
+			// number), not built yet: a cluster's bitmaps are not reset.
+			return
+		}
+	}
 	if sv, ok := a.setView(vol.name); ok {
 		for _, op := range sv.Ops {
 			if op.Kind.IsMerge() {
@@ -424,7 +429,17 @@ func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *report.SetShow
 	if !h.enabled && h.own == nil && h.named == "" {
 		return
 	}
-	hs := &report.HBMMShow{Enabled: h.enabled, ActiveOn: append([]string{}, sv.HBMM...), Resets: h.resets}
+	hs := &report.HBMMShow{Enabled: h.enabled, ActiveOn: append([]string{}, sv.Masters...), Candidates: append([]string{}, sv.HBMM...),
+		WritePolicy: "all", Resets: h.resets}
+	for _, g := range sv.Gaps {
+		hs.Gaps = append(hs.Gaps, g.Master+">"+g.Writer)
+	}
+	if counts := a.mstore.Writers(vol.name); len(counts) > 0 && slices.Contains(sv.Masters, a.host) {
+		hs.WriterChunks = counts
+	}
+	if vol.hbw != nil {
+		hs.BitSets, hs.BitSetFailures, hs.BitSetRetries, hs.BitSetsPerSecond = vol.hbw.stats()
+	}
 	if p, err := a.effectivePolicy(h); err == nil {
 		hs.Policy, hs.PolicyText, hs.ResetThreshold = p.Name, p.String(), p.ResetThreshold
 	} else if h.named != "" {

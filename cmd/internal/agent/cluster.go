@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/shadow-project/shadow/cmd/internal/masters"
+	"net"
 	"slices"
 	"sync"
 	"time"
@@ -65,15 +67,20 @@ func (a *Agent) startCluster() error {
 	if a.cfg.RecoveryDelay != nil {
 		a.clog.SetRegisterDelay(*a.cfg.RecoveryDelay)
 	}
+	inc := a.clog.Incarnation()
 	node, err := cluster.Start(cluster.NodeConfig{
 		Host: a.host, Listen: cc.Listen, Join: cc.Join, StateDir: cc.StateDir, Witness: cc.Witness,
 		GossipKey: cc.GossipKey, Timing: cc.Timing, Logger: a.log, FSM: a.clog, Reconciler: a.clog,
+		Bitmaps: func(c net.Conn) { masters.Serve(a.ctx, c, a.host, inc, a.mstore, a.log) },
 	})
 	if err != nil {
 		a.stopLease()
 		return err
 	}
 	a.node = node
+	a.mpool = masters.NewPool(a.host, inc, func(ctx context.Context, host string) (net.Conn, error) {
+		return node.DialBitmaps(host, 2*time.Second)
+	}, a.log)
 	node.SetSettle(a.deferred.Settle)
 	a.clog.Attach(node)
 	a.elog = a.clog
@@ -122,6 +129,22 @@ func (a *Agent) applyCluster(ev shadowset.Event, origin string, rd shadowset.Rea
 		}
 	}
 	a.syncMetaAll(ev)
+}
+
+// attachHBMM gives a volume its master store entry and remote sink (the
+// apply path then follows the core's masters: syncHBMM). Under a.mu.
+func (a *Agent) attachHBMM(vol *volume) {
+	_ = a.mstore.Open(vol.name, vol.bm.chunkSize)
+	vol.hbw = newHBMMWriter(a, vol)
+}
+
+// detachHBMM is the end of a volume's HBMM on this host.
+func (a *Agent) detachHBMM(vol *volume) {
+	if vol.hbw == nil {
+		return
+	}
+	vol.bm.tracker.SetRemote(nil)
+	a.mstore.Close(vol.name)
 }
 
 // remoteRemoved takes out of this host's VU a member another host
@@ -410,12 +433,14 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 		a.mu.Unlock()
 		return nil, fmt.Errorf("mount %s: already mounted here", args.Set)
 	}
+	a.attachHBMM(vol)
 	a.sets[args.Set] = vol
 	a.mu.Unlock()
 	if err := a.clog.Join(args.Set); err != nil {
 		a.mu.Lock()
 		delete(a.sets, args.Set)
 		a.mu.Unlock()
+		a.detachHBMM(vol)
 		return nil, err
 	}
 	// Members added or removed between the view this mount opened and the

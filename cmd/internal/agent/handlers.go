@@ -208,6 +208,7 @@ func (a *Agent) forgetVolume(vol *volume) error {
 	a.mu.Lock()
 	delete(a.sets, vol.name)
 	a.mu.Unlock()
+	a.detachHBMM(vol)
 	var errs []error
 	vol.mdMu.Lock()
 	for _, m := range vol.members {

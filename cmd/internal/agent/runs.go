@@ -245,7 +245,12 @@ func (a *Agent) plan(ctx context.Context, vol *volume, act shadowset.Action, wor
 func (a *Agent) opBitmap(vol *volume, act shadowset.Action) (work *bitmap.Bitmap, whole bool) {
 	switch act.OpKind {
 	case shadowset.Minimerge:
-		if b, ok := vol.bm.hbmmBitmap(); ok {
+		// The union of this host's bitmaps for the op's writers (a failed
+		// writer's only, after a host failure).
+		if b, ok := a.minimergeBitmap(vol, act.Op); ok {
+			return b, false
+		}
+		if b, ok := vol.bm.hbmmBitmap(); ok && !a.clustered() {
 			// A snapshot: chunks written from now on reach every member
 			// under the range lock, so they cannot differ.
 			return b.Clone(), false

@@ -58,7 +58,9 @@ type volume struct {
 
 	// bm holds the set's write bitmaps; writeLog: the set keeps write logs
 	// on its members (controller minimerge) instead of HBMM.
-	bm       *bitmaps
+	bm *bitmaps
+	// hbw is the set's remote sink: the other HBMM masters (hbmm.go).
+	hbw      *hbmmWriter
 	writeLog bool
 
 	stopCleaner chan struct{}
@@ -548,12 +550,14 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 	}
 	vol.vu = v
 	a.mu.Lock()
+	a.attachHBMM(vol)
 	a.sets[args.Set] = vol
 	a.mu.Unlock()
 	undo := func() {
 		a.mu.Lock()
 		delete(a.sets, args.Set)
 		a.mu.Unlock()
+		a.detachHBMM(vol)
 	}
 	evs := []shadowset.Event{{Kind: shadowset.EvMount, Set: args.Set, Host: a.host}}
 	for _, p := range adds {

@@ -53,7 +53,18 @@ type HBMMPolicy struct {
 	// ResetThreshold, in 512-byte blocks: a master bitmap recording more
 	// modified blocks than this is cleared (0: never).
 	ResetThreshold uint64 `json:"reset_threshold,omitempty"`
+	// WritePolicy is how many masters acknowledge a bit-set before the
+	// write proceeds: WriteAll (every master; "" means it too).
+	WritePolicy string `json:"write_policy,omitempty"`
 }
+
+// Write policies (the seed's replica write policies). Only "all" is
+// built: "active" (one active master synchronously, standbys brought up
+// to date asynchronously) is refused with a clear error until it is.
+const (
+	WriteAll    = "all"
+	WriteActive = "active"
+)
 
 // Masters picks the hosts that hold master bitmaps among candidates (the
 // hosts that have the set mounted), in list order, COUNT per list, at
@@ -98,6 +109,9 @@ func (p HBMMPolicy) String() string {
 	if p.ResetThreshold > 0 {
 		parts = append(parts, "reset_threshold="+strconv.FormatUint(p.ResetThreshold, 10))
 	}
+	if p.WritePolicy != "" {
+		parts = append(parts, "write_policy="+p.WritePolicy)
+	}
 	return "hbmm=(" + strings.Join(parts, ",") + ")"
 }
 
@@ -112,7 +126,7 @@ type PolicyRef struct {
 // are ignored; spaces elsewhere are an error.
 var punctSpace = regexp.MustCompile(`\s*([(),=])\s*`)
 
-// ParseHBMMPolicy reads `hbmm=(master_list=(a,b),count=2,reset_threshold=N)`
+// ParseHBMMPolicy reads `hbmm=(master_list=(a,b),count=2,reset_threshold=N,write_policy=all)`
 // (several master_list=(…) each followed by its own count=, in any case,
 // spaces around punctuation ignored) or `hbmm=NAME`.
 func ParseHBMMPolicy(s string) (PolicyRef, error) {
@@ -140,7 +154,7 @@ func ParseHBMMPolicy(s string) (PolicyRef, error) {
 		return PolicyRef{}, fmt.Errorf("%w: %q: %v", ErrPolicy, src, err)
 	}
 	p := &HBMMPolicy{}
-	sawThreshold := false
+	sawThreshold, sawWrite := false, false
 	for _, it := range items {
 		k, v, ok := strings.Cut(it, "=")
 		if !ok || v == "" {
@@ -175,8 +189,20 @@ func ParseHBMMPolicy(s string) (PolicyRef, error) {
 				return PolicyRef{}, fmt.Errorf("%w: %q: reset_threshold=%s: want a block count", ErrPolicy, src, v)
 			}
 			p.ResetThreshold, sawThreshold = n, true
+		case "write_policy":
+			if sawWrite {
+				return PolicyRef{}, fmt.Errorf("%w: %q: write_policy given twice", ErrPolicy, src)
+			}
+			switch strings.ToLower(v) {
+			case WriteAll:
+				p.WritePolicy, sawWrite = WriteAll, true
+			case WriteActive:
+				return PolicyRef{}, fmt.Errorf("%w: %q: write_policy=active is not available yet; use write_policy=all (every master acknowledges each bit-set)", ErrPolicy, src)
+			default:
+				return PolicyRef{}, fmt.Errorf("%w: %q: write_policy=%s: want all or active", ErrPolicy, src, v)
+			}
 		default:
-			return PolicyRef{}, fmt.Errorf("%w: %q: unknown keyword %q (want master_list, count, reset_threshold)", ErrPolicy, src, k)
+			return PolicyRef{}, fmt.Errorf("%w: %q: unknown keyword %q (want master_list, count, reset_threshold, write_policy)", ErrPolicy, src, k)
 		}
 	}
 	if len(p.Lists) == 0 {

@@ -11,6 +11,7 @@ func TestParseHBMMPolicy(t *testing.T) {
 	good := map[string]HBMMPolicy{
 		"hbmm=(master_list=(a,b),count=1,reset_threshold=50000)": {Lists: []MasterList{{Hosts: []string{"a", "b"}, Count: 1}}, ResetThreshold: 50000},
 		"HBMM=(MASTER_LIST=*)": {Lists: []MasterList{{Hosts: []string{"*"}}}},
+		"hbmm=(master_list=(a,b),write_policy=ALL)": {Lists: []MasterList{{Hosts: []string{"a", "b"}}}, WritePolicy: WriteAll},
 		"hbmm=( master_list=(a), count=1, master_list=(c,d), count=2 )": {Lists: []MasterList{
 			{Hosts: []string{"a"}, Count: 1}, {Hosts: []string{"c", "d"}, Count: 2}}},
 	}
@@ -26,7 +27,8 @@ func TestParseHBMMPolicy(t *testing.T) {
 	for _, in := range []string{"", "hbmm", "hbmm=", "hbmm=()", "hbmm=(count=1)", "hbmm=(master_list=(a),count=0)",
 		"hbmm=(master_list=(a),count=7)", "hbmm=(master_list=(a,a))", "hbmm=(master_list=(a)", "hbmm=(master_list=((a)))",
 		"hbmm=(reset_threshold=-1,master_list=(a))", "hbmm=(master_list=(a),bogus=1)", "hbmm=(master_list=(a),count=1,count=2)",
-		"minicopy", "hbmm=bad-name!", "hbmm=(master_list=(a b))"} {
+		"minicopy", "hbmm=bad-name!", "hbmm=(master_list=(a b))", "hbmm=(master_list=(a),write_policy=some)",
+		"hbmm=(master_list=(a),write_policy=all,write_policy=all)", "hbmm=(master_list=(a),write_policy=active)"} {
 		if _, err := ParseHBMMPolicy(in); !errors.Is(err, ErrPolicy) {
 			t.Errorf("%q: %v, want ErrPolicy", in, err)
 		}

@@ -6,6 +6,8 @@ package report
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 
 	"github.com/shadow-project/shadow/cluster"
@@ -54,8 +56,23 @@ type HBMMShow struct {
 	Policy         string `json:"policy,omitempty"`
 	PolicyText     string `json:"policy_text,omitempty"`
 	ResetThreshold uint64 `json:"reset_threshold,omitempty"`
-	// ActiveOn lists the hosts holding master bitmaps.
-	ActiveOn []string `json:"active_on"`
+	// ActiveOn lists the hosts holding master bitmaps; Candidates the
+	// policy's hosts; Gaps the masters that do not yet cover a writer
+	// ("master>writer": the writer's handshake is pending).
+	ActiveOn    []string `json:"active_on"`
+	Candidates  []string `json:"candidates,omitempty"`
+	Gaps        []string `json:"gaps,omitempty"`
+	WritePolicy string   `json:"write_policy,omitempty"`
+	// WriterChunks: on a master, the chunks set in its bitmap of each
+	// writer.
+	WriterChunks map[string]uint64 `json:"writer_chunks,omitempty"`
+	// Bit-set messages this host sent as a writer (one per chunk range
+	// not known set), failed attempts, retries after the log dropped a
+	// master, and the rate since the set was mounted.
+	BitSets          uint64  `json:"bit_sets,omitempty"`
+	BitSetFailures   uint64  `json:"bit_set_failures,omitempty"`
+	BitSetRetries    uint64  `json:"bit_set_retries,omitempty"`
+	BitSetsPerSecond float64 `json:"bit_sets_per_second,omitempty"`
 	// ModifiedBlocks: "Modified blocks since bitmap creation" (512-byte
 	// blocks, whole chunks), and the same in chunks.
 	ModifiedBlocks uint64 `json:"modified_blocks"`
@@ -216,6 +233,19 @@ func FormatShow(r ShowReport, full bool) string {
 				b.WriteString("    HBMM bitmaps are not active (no master host has the set mounted)\n")
 			}
 			fmt.Fprintf(&b, "    Modified blocks since bitmap creation: %d\n", s.HBMM.ModifiedBlocks)
+			if s.HBMM.WritePolicy != "" && len(s.HBMM.Candidates) > 0 {
+				fmt.Fprintf(&b, "    Write policy: %s; candidates %s\n", s.HBMM.WritePolicy, strings.Join(s.HBMM.Candidates, ","))
+			}
+			for _, g := range s.HBMM.Gaps {
+				master, writer, _ := strings.Cut(g, ">")
+				fmt.Fprintf(&b, "    %s does not cover %s yet (handshake pending)\n", master, writer)
+			}
+			for _, w := range slices.Sorted(maps.Keys(s.HBMM.WriterChunks)) {
+				fmt.Fprintf(&b, "    Chunks set for writer %s on this master: %d\n", w, s.HBMM.WriterChunks[w])
+			}
+			if s.HBMM.BitSets > 0 {
+				fmt.Fprintf(&b, "    Bit-set messages sent: %d (%.1f/s), failed %d, retried %d\n", s.HBMM.BitSets, s.HBMM.BitSetsPerSecond, s.HBMM.BitSetFailures, s.HBMM.BitSetRetries)
+			}
 		case s.WriteLog:
 			b.WriteString("  Enhanced Shadowing Features in use:\n      Write logs (controller minimerge)\n")
 		}

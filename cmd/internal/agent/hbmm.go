@@ -1,0 +1,390 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/shadow-project/shadow/bitmap"
+	"github.com/shadow-project/shadow/bitmap/wire"
+	"github.com/shadow-project/shadow/cmd/internal/policy"
+	"github.com/shadow-project/shadow/shadowset"
+)
+
+// This file connects a set's tracker to the core's HBMM masters
+// (shadowset/masters.go) across hosts, write policy "all":
+//
+//   - This host, as a master, keeps one bitmap per writer in a.mstore:
+//     its own writes through the tracker's local sink, other writers'
+//     through the bit-set streams (masters.Serve).
+//   - As a writer, its tracker's remote sink sends each chunk not known
+//     set to every other master and waits for all of them; a master that
+//     fails to apply it makes the bit-set fail: the masters that applied it
+//     roll it back, and the write waits until the log has dropped the
+//     failed master (nobody counts on its bitmap any more), then retries
+//     with the rest. It fails with EIO only when no retry succeeds within
+//     bitSetTimeout. A master the log drops while a bit-set waits for it
+//     no longer counts.
+//   - A master that became one after this writer mounted covers it only
+//     after the handshake: the cache was emptied when the master was
+//     added (SetRemote), the writes issued before are drained, every member
+//     is flushed, and EvCovered says so through the log.
+
+// bitSetTimeout bounds how long a write waits for the masters to record
+// its chunks (the log dropping a failed master takes the failure
+// detection and lease times, a few seconds).
+const bitSetTimeout = 30 * time.Second
+
+// hbmmWriter is a set's remote sink on this host.
+type hbmmWriter struct {
+	a   *Agent
+	vol *volume
+	mu  sync.Mutex
+	// remotes are the masters other than this host; changed is closed
+	// when they change.
+	remotes []string
+	changed chan struct{}
+	// handshake: a handshake goroutine is running.
+	handshake bool
+	// seen: writers this host, as a master, has seen mount the set (only
+	// those are forgotten when they leave: a writer not yet seen may be
+	// one whose mount this host has not applied yet).
+	seen map[string]bool
+
+	bitSets, failures, retries atomic.Uint64
+	started                    time.Time
+}
+
+func newHBMMWriter(a *Agent, vol *volume) *hbmmWriter {
+	return &hbmmWriter{a: a, vol: vol, changed: make(chan struct{}), seen: map[string]bool{}, started: time.Now()}
+}
+
+// Set implements bitmap.Remote.
+func (w *hbmmWriter) Set(first, last uint64) error {
+	deadline := time.Now().Add(bitSetTimeout)
+	rs := []wire.Range{{First: first, Last: last}}
+	for {
+		w.mu.Lock()
+		ms, ch := w.remotes, w.changed
+		w.mu.Unlock()
+		if len(ms) == 0 {
+			return nil
+		}
+		err := w.setOnce(rs, deadline)
+		if err == nil {
+			return nil
+		}
+		w.failures.Add(1)
+		wait := time.Until(deadline)
+		if wait <= 0 {
+			return err
+		}
+		// Wait for the log to change the masters (dropping the failed
+		// one), then retry.
+		t := time.NewTimer(wait)
+		select {
+		case <-ch:
+			t.Stop()
+			w.retries.Add(1)
+		case <-t.C:
+			return err
+		case <-w.a.ctx.Done():
+			t.Stop()
+			return err
+		}
+	}
+}
+
+// setOnce sends one bit-set to every remote master and waits for all
+// that are still masters.
+func (w *hbmmWriter) setOnce(rs []wire.Range, deadline time.Time) error {
+	w.mu.Lock()
+	ms, ch := slices.Clone(w.remotes), w.changed
+	w.mu.Unlock()
+	type result struct {
+		host string
+		seq  uint64
+		err  error
+	}
+	ctx, cancel := context.WithDeadline(w.a.ctx, deadline)
+	defer cancel()
+	out := make(chan result, len(ms))
+	for _, m := range ms {
+		go func() {
+			seq, err := w.a.mpool.BitSet(ctx, m, w.vol.name, w.a.host, rs)
+			out <- result{m, seq, err}
+		}()
+	}
+	w.bitSets.Add(1)
+	pending := slices.Clone(ms)
+	var acked []result
+	var failed error
+	var failedHost string
+	for len(pending) > 0 {
+		select {
+		case r := <-out:
+			if !slices.Contains(pending, r.host) {
+				continue // dropped by the log meanwhile
+			}
+			pending = slices.DeleteFunc(pending, func(h string) bool { return h == r.host })
+			if r.err == nil {
+				acked = append(acked, r)
+			} else if failed == nil {
+				failed, failedHost = fmt.Errorf("master %s: %w", r.host, r.err), r.host
+			}
+		case <-ch:
+			// The log changed the masters: one it dropped no longer counts
+			// (a new one covers this writer only after the handshake).
+			w.mu.Lock()
+			cur := w.remotes
+			ch = w.changed
+			w.mu.Unlock()
+			pending = slices.DeleteFunc(pending, func(h string) bool { return !slices.Contains(cur, h) })
+			if failed != nil && !slices.Contains(cur, failedHost) {
+				failed = nil
+			}
+		case <-ctx.Done():
+			return fmt.Errorf("bit-set to %s: %w", strings.Join(pending, ","), ctx.Err())
+		}
+	}
+	if failed == nil {
+		return nil
+	}
+	// The seed's rule: a bit-set that failed on one master is undone on
+	// the others (best effort: a bit too many is never wrong).
+	for _, r := range acked {
+		go func() {
+			rctx, rcancel := context.WithTimeout(w.a.ctx, 5*time.Second)
+			defer rcancel()
+			_ = w.a.mpool.Rollback(rctx, r.host, w.vol.name, w.a.host, r.seq)
+		}()
+	}
+	return failed
+}
+
+// setRemotes records the masters other than this host; true if they
+// changed.
+func (w *hbmmWriter) setRemotes(ms []string) bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if slices.Equal(w.remotes, ms) {
+		return false
+	}
+	w.remotes = slices.Clone(ms)
+	close(w.changed)
+	w.changed = make(chan struct{})
+	return true
+}
+
+// syncHBMMViews makes every mounted set's bitmaps follow the core's
+// masters; the apply path calls it (under the log's lock, never waiting).
+func (a *Agent) syncHBMMViews() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for name, vol := range a.sets {
+		if vol.vu == nil || vol.hbw == nil {
+			continue
+		}
+		sv, ok := a.viewLocked(name)
+		if !ok {
+			continue
+		}
+		a.syncHBMM(vol, sv)
+	}
+}
+
+// syncHBMM is syncHBMMViews for one set.
+func (a *Agent) syncHBMM(vol *volume, sv shadowset.SetView) {
+	w := vol.hbw
+	mounted := slices.Contains(sv.Mounted, a.host)
+	master := mounted && slices.Contains(sv.Masters, a.host)
+	// This host's own writes, when it is a master: its bitmap for itself.
+	_, had := vol.bm.tracker.Sink(bitmap.HBMMSink)
+	switch {
+	case master && !had:
+		if b, err := a.mstore.Bitmap(vol.name, a.host); err == nil {
+			_ = vol.bm.tracker.AddSink(bitmap.HBMMSink, b)
+		}
+	case !master && had:
+		vol.bm.tracker.RemoveSink(bitmap.HBMMSink)
+	}
+	// The other masters: the tracker's remote sink.
+	var remotes []string
+	if mounted && a.clustered() {
+		for _, m := range sv.Masters {
+			if m != a.host {
+				remotes = append(remotes, m)
+			}
+		}
+	}
+	if w.setRemotes(remotes) {
+		if len(remotes) > 0 {
+			vol.bm.tracker.SetRemote(w)
+		} else {
+			vol.bm.tracker.SetRemote(nil)
+		}
+		a.log.Info().Str("vu", vol.name).Strs("masters", sv.Masters).Msg("hbmm masters")
+	}
+	var gaps []string
+	for _, g := range sv.Gaps {
+		if g.Writer == a.host {
+			gaps = append(gaps, g.Master)
+		}
+	}
+	if len(gaps) > 0 && mounted {
+		w.mu.Lock()
+		start := !w.handshake
+		w.handshake = true
+		w.mu.Unlock()
+		if start {
+			a.wg.Go(func() { a.handshake(vol, gaps) })
+		}
+	}
+	a.forgetWriters(vol, sv, master)
+}
+
+// handshake makes the masters in gaps cover this writer: the cache was
+// emptied when they were added; drain the writes issued before, flush
+// every member (nothing written before can differ any more), and say so
+// through the log.
+func (a *Agent) handshake(vol *volume, gaps []string) {
+	w := vol.hbw
+	defer func() {
+		w.mu.Lock()
+		w.handshake = false
+		w.mu.Unlock()
+	}()
+	vol.bm.tracker.Invalidate()
+	vol.quiesce(func() {})
+	if err := vol.vu.Flush(); err != nil {
+		a.log.Warn().Str("vu", vol.name).Err(err).Msg("hbmm handshake: flush failed; the new masters do not cover this host yet")
+		return
+	}
+	err := a.elog.Append(shadowset.Event{Kind: shadowset.EvCovered, Set: vol.name, Host: a.host, Spec: &shadowset.SetSpec{Name: vol.name, HBMM: gaps}})
+	if err != nil {
+		a.log.Warn().Str("vu", vol.name).Err(err).Strs("masters", gaps).Msg("hbmm handshake not recorded")
+		return
+	}
+	a.log.Info().Str("vu", vol.name).Strs("masters", gaps).Msg("hbmm handshake: covered by the new masters")
+}
+
+// forgetWriters drops the bitmaps this host keeps for writers that left
+// the set (dismounted, failed) once no minimerge this host could run needs
+// them, and every writer's when it is no longer a master.
+func (a *Agent) forgetWriters(vol *volume, sv shadowset.SetView, master bool) {
+	w := vol.hbw
+	needed := map[string]bool{}
+	for _, op := range sv.Ops {
+		if op.Kind == shadowset.Minimerge && slices.Contains(op.Holders, a.host) {
+			for _, wr := range op.Writers {
+				needed[wr] = true
+			}
+		}
+	}
+	for writer := range a.mstore.Writers(vol.name) {
+		mounted := slices.Contains(sv.Mounted, writer)
+		if mounted && master {
+			w.seen[writer] = true
+			continue
+		}
+		if needed[writer] || writer == a.host {
+			continue
+		}
+		// A writer not seen mounted may be one whose mount this host has
+		// not applied yet: its chunks are kept.
+		if w.seen[writer] || !master {
+			a.mstore.Drop(vol.name, writer)
+			delete(w.seen, writer)
+		}
+	}
+}
+
+// minimergeBitmap is the union of this host's bitmaps for a minimerge's
+// writers (false: this host has none of them).
+func (a *Agent) minimergeBitmap(vol *volume, id shadowset.OpID) (*bitmap.Bitmap, bool) {
+	sv, ok := a.viewLocked(vol.name)
+	if !ok {
+		return nil, false
+	}
+	var writers []string
+	for _, op := range sv.Ops {
+		if op.ID == id {
+			writers = op.Writers
+		}
+	}
+	if len(writers) == 0 {
+		return nil, false
+	}
+	union, err := bitmap.New(vol.bm.chunkSize)
+	if err != nil {
+		return nil, false
+	}
+	found := false
+	for _, wr := range writers {
+		if b, ok := a.mstore.Snapshot(vol.name, wr); ok {
+			if union.Or(b) == nil {
+				found = true
+			}
+		}
+	}
+	return union, found
+}
+
+// masterLists turns a policy into the core's master lists: in a cluster,
+// the policy's lists with the hosts the cluster knows; on one host, this
+// host if the policy names it.
+func (a *Agent) masterLists(p policy.HBMMPolicy) ([]shadowset.MasterList, error) {
+	if !a.clustered() {
+		ms := p.Masters([]string{a.host})
+		if len(ms) == 0 {
+			return nil, nil
+		}
+		return []shadowset.MasterList{{Hosts: ms}}, nil
+	}
+	var known []string
+	for _, h := range a.hostViews() {
+		known = append(known, h.Name)
+	}
+	var out []shadowset.MasterList
+	for _, l := range p.Lists {
+		var hosts []string
+		for _, h := range l.Hosts {
+			if h == "*" {
+				hosts = append(hosts, h)
+				continue
+			}
+			if i := slices.IndexFunc(known, func(k string) bool { return strings.EqualFold(k, h) }); i >= 0 {
+				hosts = append(hosts, known[i])
+			}
+		}
+		if len(hosts) > 0 {
+			out = append(out, shadowset.MasterList{Hosts: hosts, Count: l.Count})
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%w: no host of the policy's master lists is in the cluster", policy.ErrPolicy)
+	}
+	return out, nil
+}
+
+// hostViews are the core's hosts.
+func (a *Agent) hostViews() []shadowset.HostView {
+	var hs []shadowset.HostView
+	a.elog.View(func(c *shadowset.Core) { hs = c.Hosts() })
+	return hs
+}
+
+// hbmmStats is what show gives of the bit-set traffic.
+func (w *hbmmWriter) stats() (bitSets, failures, retries uint64, perSecond float64) {
+	bitSets, failures, retries = w.bitSets.Load(), w.failures.Load(), w.retries.Load()
+	if s := time.Since(w.started).Seconds(); s > 0 {
+		perSecond = float64(bitSets) / s
+	}
+	return
+}
+
+var _ bitmap.Remote = (*hbmmWriter)(nil)
