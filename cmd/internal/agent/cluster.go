@@ -422,7 +422,7 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 		}
 	}
 	vol.dirty.Store(true)
-	v, err := vu.New(vu.Config{Name: args.Set, Size: size, Members: specs, Logger: a.log, Shared: true,
+	v, err := vu.New(vu.Config{Name: args.Set, Size: size, Members: specs, Logger: a.log, Shared: true, Acknowledge: a.acknowledgeFence(),
 		Expel: func(path string, cause error) error { return a.expel(vol, path, cause) }, Gate: vol})
 	if err != nil {
 		return nil, err

@@ -113,6 +113,25 @@ func (a *Agent) sharedOptions() device.Options {
 	return o
 }
 
+// acknowledgeFence is the VU's last check before it acknowledges a
+// write: the lease of the run that opened the members must still hold
+// (waiting as the on-no-quorum policy says), so that a host declared
+// failed while its reply was pending fails the write instead (nil: no
+// fencing).
+func (a *Agent) acknowledgeFence() func() error {
+	if a.gate == nil {
+		return nil
+	}
+	h := a.gate.Handle()
+	return func() error {
+		if err := h.Enter(); err != nil {
+			return err
+		}
+		h.Exit()
+		return nil
+	}
+}
+
 // onFenced runs under the log's lock when this run is declared failed:
 // the gate closes at once; the rest cannot wait for the lock.
 func (a *Agent) onFenced(reason string, rejoin bool) {

@@ -541,7 +541,7 @@ func (a *Agent) mountNew(args MountArgs) (res *MountResult, err error) {
 		return nil, fmt.Errorf("mount %s: %w", args.Set, err)
 	}
 	vol.dirty.Store(true)
-	v, err := vu.New(vu.Config{Name: args.Set, Size: size, Members: specs, Logger: a.log, Shared: a.clustered(),
+	v, err := vu.New(vu.Config{Name: args.Set, Size: size, Members: specs, Logger: a.log, Shared: a.clustered(), Acknowledge: a.acknowledgeFence(),
 		Expel: func(path string, cause error) error { return a.expel(vol, path, cause) },
 		Gate:  vol})
 	if err != nil {

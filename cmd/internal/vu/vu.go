@@ -121,7 +121,14 @@ type Config struct {
 	// host picks the same one), and the merge engine, which holds the
 	// cluster's window over its range, is what makes the members agree.
 	Shared bool
-	Logger zerolog.Logger
+	// Acknowledge, if set, runs before a write, zero or flush that
+	// succeeded on the members is acknowledged; an error fails it
+	// instead. The agent checks the lease there: a host stopped between
+	// its member I/O and its reply, and declared failed meanwhile, must
+	// not acknowledge a write the survivors have since merged behind and
+	// written over.
+	Acknowledge func() error
+	Logger      zerolog.Logger
 }
 
 // Gate is the agent's hook around application I/O. The agent uses it to
@@ -152,6 +159,7 @@ type VU struct {
 	locks RangeLock
 	expel func(string, error) error
 	gate  Gate
+	ack   func() error
 	log   zerolog.Logger
 	// shared: see Config.Shared.
 	shared bool
@@ -174,7 +182,7 @@ func New(cfg Config) (*VU, error) {
 	if cfg.Size <= 0 {
 		return nil, fmt.Errorf("vu %s: size %d is not positive", cfg.Name, cfg.Size)
 	}
-	v := &VU{name: cfg.Name, size: cfg.Size, expel: cfg.Expel, gate: cfg.Gate, log: cfg.Logger, shared: cfg.Shared}
+	v := &VU{name: cfg.Name, size: cfg.Size, expel: cfg.Expel, gate: cfg.Gate, log: cfg.Logger, shared: cfg.Shared, ack: cfg.Acknowledge}
 	full := 0
 	for _, s := range cfg.Members {
 		if err := v.addMember(s); err != nil {
@@ -498,7 +506,7 @@ func (v *VU) settle(what string, ms []*member, roles []Role, errs []error) error
 		}
 	}
 	if !failed {
-		return nil
+		return v.acknowledge(what)
 	}
 	if err := v.fenced(what, errs); err != nil {
 		return err
@@ -515,6 +523,17 @@ func (v *VU) settle(what string, ms []*member, roles []Role, errs []error) error
 		if xerr := v.expelMember(ms[i], fmt.Errorf("%s: %w", what, err)); xerr != nil {
 			return xerr
 		}
+	}
+	return v.acknowledge(what)
+}
+
+// acknowledge is Config.Acknowledge for a request that succeeded.
+func (v *VU) acknowledge(what string) error {
+	if v.ack == nil {
+		return nil
+	}
+	if err := v.ack(); err != nil {
+		return fmt.Errorf("vu %s: %s done but not acknowledged: %w", v.name, what, err)
 	}
 	return nil
 }

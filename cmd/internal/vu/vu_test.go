@@ -411,3 +411,30 @@ func TestFencedIOExpelsNobody(t *testing.T) {
 		t.Fatalf("a fenced read expelled: %d", expelled)
 	}
 }
+
+// TestAcknowledgeRefused: a write, zero or flush that reached every member
+// is still failed when Acknowledge refuses (the host lost its lease while
+// the reply was pending), and nobody is expelled.
+func TestAcknowledgeRefused(t *testing.T) {
+	a, b := newMem("/a", size), newMem("/b", size)
+	v := newVU(t, func(string, error) error { t.Fatal("expelled a member"); return nil }, a, b)
+	fenced := fmt.Errorf("fence: declared failed: %w", device.ErrFenced)
+	var refuse error
+	v.ack = func() error { return refuse }
+	if err := v.WriteAt(bytes.Repeat([]byte{1}, 4096), 0, false); err != nil {
+		t.Fatalf("write with the lease held: %v", err)
+	}
+	refuse = fenced
+	if err := v.WriteAt(bytes.Repeat([]byte{2}, 4096), 0, false); !errors.Is(err, device.ErrFenced) {
+		t.Fatalf("write whose acknowledgement was refused: %v, want ErrFenced", err)
+	}
+	if err := v.Zero(0, 4096, false); !errors.Is(err, device.ErrFenced) {
+		t.Fatalf("zero whose acknowledgement was refused: %v, want ErrFenced", err)
+	}
+	if err := v.Flush(); !errors.Is(err, device.ErrFenced) {
+		t.Fatalf("flush whose acknowledgement was refused: %v, want ErrFenced", err)
+	}
+	if len(v.Members()) != 2 {
+		t.Fatalf("members %d, want 2", len(v.Members()))
+	}
+}
