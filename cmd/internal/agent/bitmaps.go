@@ -426,10 +426,11 @@ func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *report.SetShow
 	}
 	bm.mu.Unlock()
 	sort.Slice(s.Work, func(i, j int) bool { return s.Work[i].ID < s.Work[j].ID })
-	if !h.enabled && h.own == nil && h.named == "" {
+	if !h.enabled && h.own == nil && h.named == "" && len(sv.HBMM) == 0 {
 		return
 	}
-	hs := &report.HBMMShow{Enabled: h.enabled, ActiveOn: append([]string{}, sv.Masters...), Candidates: append([]string{}, sv.HBMM...),
+	// (Another host may have set the policy: the log's masters count.)
+	hs := &report.HBMMShow{Enabled: h.enabled || len(sv.HBMM) > 0, ActiveOn: append([]string{}, sv.Masters...), Candidates: append([]string{}, sv.HBMM...),
 		WritePolicy: "all", Resets: h.resets}
 	for _, g := range sv.Gaps {
 		hs.Gaps = append(hs.Gaps, g.Master+">"+g.Writer)

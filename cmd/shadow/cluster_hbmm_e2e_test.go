@@ -1,0 +1,170 @@
+package main
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/shadow-project/shadow/cmd/internal/nbd/nbdtest"
+	"github.com/shadow-project/shadow/cmd/internal/report"
+)
+
+// hbmmChunk is the sets' chunk size (the default): one bit per 64 KiB.
+const hbmmChunk = 64 << 10
+
+// hbmmPolicy makes A and B the masters of DSA1 and waits until every
+// host sees them as masters covering every writer (the handshakes done).
+func hbmmPolicy(t *testing.T, c *testCluster, on *cnode, set string, masters ...string) {
+	t.Helper()
+	on.mustCLI("set", set, "--policy", "hbmm=(master_list=("+strings.Join(masters, ",")+"),write_policy=all)")
+	for _, nd := range c.live() {
+		waitFor(t, 20*time.Second, fmt.Sprintf("%s's view of %s: masters %v, no handshake pending", nd.name, set, masters), func() (bool, string) {
+			r, err := nd.tryShow()
+			if err != nil {
+				return false, err.Error()
+			}
+			s, ok := setOf(r, set)
+			if !ok || s.HBMM == nil {
+				return false, "no hbmm section"
+			}
+			return slices.Equal(s.HBMM.ActiveOn, masters) && len(s.HBMM.Gaps) == 0, fmt.Sprintf("masters %v, gaps %v", s.HBMM.ActiveOn, s.HBMM.Gaps)
+		})
+	}
+}
+
+// hbmmWrites is what a writer sent and had acknowledged, by chunk.
+type hbmmWrites struct {
+	mu    sync.Mutex
+	sent  map[int64]bool
+	acked map[int64]bool
+	errs  int
+}
+
+// write sends n random 4 KiB writes in [from, from+span) through cl,
+// depth at a time, until n are done or stop is set.
+func (w *hbmmWrites) write(cl *nbdtest.Client, from, span int64, n, depth int, stop *atomic.Bool) {
+	var wg sync.WaitGroup
+	var next atomic.Int64
+	for range depth {
+		wg.Go(func() {
+			buf := make([]byte, 4096)
+			for next.Add(1) <= int64(n) && !stop.Load() {
+				off := from + rand.Int64N(span/4096)*4096
+				for i := range buf {
+					buf[i] = byte(rand.Uint32())
+				}
+				w.mu.Lock()
+				w.sent[off/hbmmChunk] = true
+				w.mu.Unlock()
+				err := cl.WriteAt(buf, off, 0)
+				w.mu.Lock()
+				if err == nil {
+					w.acked[off/hbmmChunk] = true
+				} else {
+					w.errs++
+				}
+				w.mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// hbmmMinimerge waits for a minimerge to complete on a survivor and
+// returns its counters (from show --json's completed work).
+func hbmmMinimerge(t *testing.T, survivors []*cnode, set string, within time.Duration) (report.OpWorkShow, string) {
+	t.Helper()
+	var got report.OpWorkShow
+	var on string
+	waitFor(t, within, "a minimerge completed on a survivor", func() (bool, string) {
+		var seen []string
+		for _, nd := range survivors {
+			r, err := nd.tryShow()
+			if err != nil {
+				seen = append(seen, nd.name+": "+err.Error())
+				continue
+			}
+			s, _ := setOf(r, set)
+			for _, w := range s.Completed {
+				if w.Kind == "minimerge" {
+					got, on = w, nd.name
+					return true, ""
+				}
+			}
+			for _, op := range s.Ops {
+				seen = append(seen, fmt.Sprintf("%s: op%d %s %s on %s", nd.name, op.ID, op.Kind, op.State, op.Host))
+			}
+		}
+		return false, strings.Join(seen, "; ")
+	})
+	return got, on
+}
+
+// TestClusterE2EHBMMWriterKilled: hosts A, B, C mount DSA1 with HBMM
+// masters on A and B, write policy all. B and C write to disjoint
+// ranges; C is SIGKILLed. The minimerge a survivor runs covers exactly
+// C's chunks: in even rounds C's writes have all completed before the
+// kill, so the merged chunk count equals the distinct chunks C wrote; in
+// odd rounds C is killed mid-stream, so the count lies between the chunks
+// of C's acknowledged writes and those of every write it sent. B's chunks
+// (fio, elsewhere) are never merged. The members end identical.
+func TestClusterE2EHBMMWriterKilled(t *testing.T) {
+	requireTools(t, "fio")
+	const size = 64 << 20
+	delay := 3 * time.Second
+	for round := range repeats(t) {
+		t.Run(fmt.Sprintf("round%d", round), func(t *testing.T) {
+			c := newCluster(t, delay, []string{"A", "B", "C"})
+			ms := c.members(3, size)
+			a, b, victim := c.node("A"), c.node("B"), c.node("C")
+			c.mountEverywhere(a, "DSA1", ms, nil)
+			hbmmPolicy(t, c, c.nodes[rand.IntN(3)], "DSA1", "A", "B")
+			// B writes its own range (chunks never C's) through the kill.
+			bfio := background(t, "fio", fioArgs("bload", b.uri("DSA1"), "32m", "16m", "--time_based", "--runtime=30")...)
+			defer endGroup(bfio)
+			cl := dialFence(t, victim, "DSA1")
+			w := &hbmmWrites{sent: map[int64]bool{}, acked: map[int64]bool{}}
+			var stop atomic.Bool
+			complete := round%2 == 0
+			n := 100 + rand.IntN(400)
+			if complete {
+				w.write(cl, 0, 32<<20, n, 4, &stop)
+				time.Sleep(time.Duration(rand.IntN(500)) * time.Millisecond)
+			} else {
+				done := make(chan struct{})
+				go func() {
+					w.write(cl, 0, 32<<20, 1<<30, 4, &stop)
+					close(done)
+				}()
+				time.Sleep(time.Duration(300+rand.IntN(1200)) * time.Millisecond)
+				defer func() { stop.Store(true); <-done }()
+			}
+			killedAt := victim.crash()
+			w.mu.Lock()
+			sent, acked := len(w.sent), len(w.acked)
+			w.mu.Unlock()
+			work, on := hbmmMinimerge(t, []*cnode{a, b}, "DSA1", delay+time.Minute)
+			t.Logf("round %d: C sent writes to %d chunks, %d acknowledged (complete: %v); minimerge on %s merged %d chunks, %s after the kill",
+				round, sent, acked, complete, on, work.BitmapChunks, time.Since(killedAt).Round(time.Millisecond))
+			if complete && (int(work.BitmapChunks) != acked || sent != acked) {
+				t.Errorf("minimerge covered %d chunks; C wrote exactly %d distinct chunks, all completed before the kill", work.BitmapChunks, acked)
+			}
+			if !complete && (int(work.BitmapChunks) < acked || int(work.BitmapChunks) > sent) {
+				t.Errorf("minimerge covered %d chunks; want between C's acknowledged chunks (%d) and every chunk it sent to (%d)", work.BitmapChunks, acked, sent)
+			}
+			if work.ChunksDone != work.BitmapChunks {
+				t.Errorf("minimerge moved %d of its %d chunks", work.ChunksDone, work.BitmapChunks)
+			}
+			endGroup(bfio)
+			c.waitIdleEverywhere("DSA1", 2*time.Minute)
+			a.mustCLI("dismount", "DSA1")
+			b.mustCLI("dismount", "DSA1")
+			sameData(t, size, ms...)
+		})
+	}
+}
