@@ -21,7 +21,7 @@ const hbmmChunk = 64 << 10
 // host sees them as masters covering every writer (the handshakes done).
 func hbmmPolicy(t *testing.T, c *testCluster, on *cnode, set string, masters ...string) {
 	t.Helper()
-	on.mustCLI("set", set, "--policy", "hbmm=(master_list=("+strings.Join(masters, ",")+"),write_policy=all)")
+	on.mustCLI("set", set, "--policy", "hbmm=(master_list=("+strings.Join(masters, ",")+"),write_policy=all)", "--enable", "hbmm")
 	for _, nd := range c.live() {
 		waitFor(t, 20*time.Second, fmt.Sprintf("%s's view of %s: masters %v, no handshake pending", nd.name, set, masters), func() (bool, string) {
 			r, err := nd.tryShow()
