@@ -144,6 +144,9 @@ func TestClusterE2EHBMMWriterKilled(t *testing.T) {
 				time.Sleep(time.Duration(300+rand.IntN(1200)) * time.Millisecond)
 				defer func() { stop.Store(true); <-done }()
 			}
+			// No new write after this point: those in flight at the kill
+			// are the only ones sent and not acknowledged.
+			stop.Store(true)
 			killedAt := victim.crash()
 			w.mu.Lock()
 			sent, acked := len(w.sent), len(w.acked)

@@ -39,6 +39,7 @@ type conn struct {
 	// Set by negotiation, read-only afterwards.
 	exp      *export
 	quick    QuickBackend // nil: every request goes to a worker
+	acker    Acknowledger // nil: successes are acknowledged as they are
 	size     uint64
 	readOnly bool
 

@@ -176,6 +176,7 @@ func (c *conn) transmissionInfo(e *export) (size uint64, flags uint16) {
 func (c *conn) enterTransmission(e *export, size uint64) (*export, error) {
 	c.exp = e
 	c.quick, _ = e.Backend.(QuickBackend)
+	c.acker, _ = e.Backend.(Acknowledger)
 	c.size = size
 	c.readOnly = e.ReadOnly
 	c.nc.SetDeadline(time.Time{})

@@ -10,6 +10,7 @@ import (
 	"math"
 	"net"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -817,5 +818,43 @@ func TestErrnoMapping(t *testing.T) {
 		if got := errno(err); got != want {
 			t.Errorf("errno(%v) = %d, want %d", err, got, want)
 		}
+	}
+}
+
+// ackBackend is a memBackend that refuses to acknowledge while refuse is
+// set (nbd.Acknowledger), as a fenced cluster host does.
+type ackBackend struct {
+	*memBackend
+	refuse atomic.Bool
+}
+
+func (a *ackBackend) Acknowledge() error {
+	if a.refuse.Load() {
+		return errors.New("lease lost")
+	}
+	return nil
+}
+
+// TestAcknowledgerRefuses: with the backend refusing to acknowledge, a
+// write that reached it is answered EIO (and so are flush, trim and zero),
+// while reads are still answered.
+func TestAcknowledgerRefuses(t *testing.T) {
+	b := &ackBackend{memBackend: newMemBackend(1 << 20)}
+	b.noQuick = true
+	ts := startTestServer(t, testOptions(t), Export{Name: "DSA1", Backend: b})
+	c, _ := ts.goClient(t, "DSA1")
+	data := pattern(4096, 3)
+	expectReply(c.do(0, cmdWrite, 0, 4096, data))(t, "write acknowledged", 0)
+	b.refuse.Store(true)
+	expectReply(c.do(0, cmdWrite, 4096, 4096, data))(t, "write not acknowledged", errIO)
+	expectReply(c.do(0, cmdFlush, 0, 0, nil))(t, "flush not acknowledged", errIO)
+	expectReply(c.do(0, cmdTrim, 8192, 4096, nil))(t, "trim not acknowledged", errIO)
+	expectReply(c.do(0, cmdWriteZeroes, 8192, 4096, nil))(t, "zero not acknowledged", errIO)
+	// (The refused write reached the backend: the refusal is at the reply.)
+	if r := must(c.do(0, cmdRead, 4096, 4096, nil))(t); !bytes.Equal(r.Data, data) {
+		t.Fatal("read with acknowledgements refused did not return the data")
+	}
+	if w := b.Calls("write"); len(w) != 2 {
+		t.Fatalf("%d writes reached the backend, want 2 (refusal is at the reply)", len(w))
 	}
 }

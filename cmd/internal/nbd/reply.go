@@ -39,6 +39,25 @@ func putReplyHeader(b []byte, cookie uint64, code uint32) {
 func (c *conn) send(head, tail []byte) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	return c.sendLocked(head, tail)
+}
+
+// replyAcknowledged sends a success reply if the backend's Acknowledge
+// agrees at the last moment, under wmu, and its error otherwise.
+func (c *conn) replyAcknowledged(cookie uint64) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	code := uint32(0)
+	if err := c.acker.Acknowledge(); err != nil {
+		code = errno(err)
+		c.log.Warn().Err(err).Uint64("cookie", cookie).Msg("request done but not acknowledged")
+	}
+	var hdr [replyHeaderSize]byte
+	putReplyHeader(hdr[:], cookie, code)
+	_ = c.sendLocked(hdr[:], nil)
+}
+
+func (c *conn) sendLocked(head, tail []byte) error {
 	if c.writeErr != nil {
 		return c.writeErr
 	}

@@ -37,6 +37,17 @@ type Backend interface {
 	Zero(off, length int64, fua bool) error
 }
 
+// Acknowledger is an optional Backend interface. Acknowledge runs under
+// the connection's write lock right before a worker's successful WRITE,
+// WRITE_ZEROES, TRIM or FLUSH reply goes on the wire; an error replaces
+// the success with its errno. A fenced cluster host uses it: stopped
+// between its member I/O and its reply and declared failed meanwhile, it
+// must not acknowledge on resuming (the window left is the write system
+// call itself).
+type Acknowledger interface {
+	Acknowledge() error
+}
+
 // QuickBackend is the optional fast path of a Backend. The connection's
 // reader tries it for READ and WRITE (without FUA) before handing a
 // request to a worker goroutine: a request the backend completes from

@@ -259,7 +259,12 @@ func (c *conn) handle(r request, payloadBytes int64) {
 			err = b.Zero(off, length, fua)
 		}
 	}
-	c.reply(r.cookie, c.backendResult(&r, err), nil)
+	code := c.backendResult(&r, err)
+	if c.acker != nil && code == 0 && r.typ != cmdRead {
+		c.replyAcknowledged(r.cookie)
+		return
+	}
+	c.reply(r.cookie, code, nil)
 }
 
 // zeroBlock is the source of writes for WRITE_ZEROES with NO_HOLE.

@@ -10,7 +10,7 @@ import (
 func TestParseHBMMPolicy(t *testing.T) {
 	good := map[string]HBMMPolicy{
 		"hbmm=(master_list=(a,b),count=1,reset_threshold=50000)": {Lists: []MasterList{{Hosts: []string{"a", "b"}, Count: 1}}, ResetThreshold: 50000},
-		"HBMM=(MASTER_LIST=*)": {Lists: []MasterList{{Hosts: []string{"*"}}}},
+		"HBMM=(MASTER_LIST=*)":                      {Lists: []MasterList{{Hosts: []string{"*"}}}},
 		"hbmm=(master_list=(a,b),write_policy=ALL)": {Lists: []MasterList{{Hosts: []string{"a", "b"}}}, WritePolicy: WriteAll},
 		"hbmm=( master_list=(a), count=1, master_list=(c,d), count=2 )": {Lists: []MasterList{
 			{Hosts: []string{"a"}, Count: 1}, {Hosts: []string{"c", "d"}, Count: 2}}},

@@ -527,6 +527,15 @@ func (v *VU) settle(what string, ms []*member, roles []Role, errs []error) error
 	return v.acknowledge(what)
 }
 
+// Acknowledge (nbd.Acknowledger) is Config.Acknowledge, for the NBD
+// server to call right before a success reply goes out.
+func (v *VU) Acknowledge() error {
+	if v.ack == nil {
+		return nil
+	}
+	return v.ack()
+}
+
 // acknowledge is Config.Acknowledge for a request that succeeded.
 func (v *VU) acknowledge(what string) error {
 	if v.ack == nil {
