@@ -107,12 +107,14 @@ func hbmmMinimerge(t *testing.T, survivors []*cnode, set string, within time.Dur
 
 // TestClusterE2EHBMMWriterKilled: hosts A, B, C mount DSA1 with HBMM
 // masters on A and B, write policy all. B and C write to disjoint
-// ranges; C is SIGKILLed. The minimerge a survivor runs covers exactly
-// C's chunks: in even rounds C's writes have all completed before the
-// kill, so the merged chunk count equals the distinct chunks C wrote; in
-// odd rounds C is killed mid-stream, so the count lies between the chunks
-// of C's acknowledged writes and those of every write it sent. B's chunks
-// (fio, elsewhere) are never merged. The members end identical.
+// ranges; the victim V, C (a writer only) in rounds 0, 1 mod 4 and B (a
+// writer and a master) in rounds 2, 3, is SIGKILLed. The minimerge a
+// survivor runs covers exactly V's chunks: in even rounds V's writes have
+// all completed before the kill, so the merged chunk count equals the
+// distinct chunks V wrote; in odd rounds V is killed mid-stream, so the
+// count lies between the chunks of V's acknowledged writes and those of
+// every write it sent. The other writer's chunks (fio, elsewhere) are
+// never merged. The members end identical.
 func TestClusterE2EHBMMWriterKilled(t *testing.T) {
 	requireTools(t, "fio")
 	const size = 64 << 20
@@ -121,11 +123,15 @@ func TestClusterE2EHBMMWriterKilled(t *testing.T) {
 		t.Run(fmt.Sprintf("round%d", round), func(t *testing.T) {
 			c := newCluster(t, delay, []string{"A", "B", "C"})
 			ms := c.members(3, size)
-			a, b, victim := c.node("A"), c.node("B"), c.node("C")
+			a, other, victim := c.node("A"), c.node("B"), c.node("C")
+			if round%4 >= 2 {
+				other, victim = victim, other
+			}
 			c.mountEverywhere(a, "DSA1", ms, nil)
 			hbmmPolicy(t, c, c.nodes[rand.IntN(3)], "DSA1", "A", "B")
-			// B writes its own range (chunks never C's) through the kill.
-			bfio := background(t, "fio", fioArgs("bload", b.uri("DSA1"), "32m", "16m", "--time_based", "--runtime=30")...)
+			// The other writer writes its own range (chunks never V's)
+			// through the kill.
+			bfio := background(t, "fio", fioArgs("bload", other.uri("DSA1"), "32m", "16m", "--time_based", "--runtime=30")...)
 			defer endGroup(bfio)
 			cl := dialFence(t, victim, "DSA1")
 			w := &hbmmWrites{sent: map[int64]bool{}, acked: map[int64]bool{}}
@@ -151,14 +157,14 @@ func TestClusterE2EHBMMWriterKilled(t *testing.T) {
 			w.mu.Lock()
 			sent, acked := len(w.sent), len(w.acked)
 			w.mu.Unlock()
-			work, on := hbmmMinimerge(t, []*cnode{a, b}, "DSA1", delay+time.Minute)
-			t.Logf("round %d: C sent writes to %d chunks, %d acknowledged (complete: %v); minimerge on %s merged %d chunks, %s after the kill",
-				round, sent, acked, complete, on, work.BitmapChunks, time.Since(killedAt).Round(time.Millisecond))
+			work, on := hbmmMinimerge(t, []*cnode{a, other}, "DSA1", delay+time.Minute)
+			t.Logf("round %d: %s sent writes to %d chunks, %d acknowledged (complete: %v); minimerge on %s merged %d chunks, %s after the kill",
+				round, victim.name, sent, acked, complete, on, work.BitmapChunks, time.Since(killedAt).Round(time.Millisecond))
 			if complete && (int(work.BitmapChunks) != acked || sent != acked) {
-				t.Errorf("minimerge covered %d chunks; C wrote exactly %d distinct chunks, all completed before the kill", work.BitmapChunks, acked)
+				t.Errorf("minimerge covered %d chunks; %s wrote exactly %d distinct chunks, all completed before the kill", work.BitmapChunks, victim.name, acked)
 			}
 			if !complete && (int(work.BitmapChunks) < acked || int(work.BitmapChunks) > sent) {
-				t.Errorf("minimerge covered %d chunks; want between C's acknowledged chunks (%d) and every chunk it sent to (%d)", work.BitmapChunks, acked, sent)
+				t.Errorf("minimerge covered %d chunks; want between %s's acknowledged chunks (%d) and every chunk it sent to (%d)", work.BitmapChunks, victim.name, acked, sent)
 			}
 			if work.ChunksDone != work.BitmapChunks {
 				t.Errorf("minimerge moved %d of its %d chunks", work.ChunksDone, work.BitmapChunks)
@@ -166,7 +172,7 @@ func TestClusterE2EHBMMWriterKilled(t *testing.T) {
 			endGroup(bfio)
 			c.waitIdleEverywhere("DSA1", 2*time.Minute)
 			a.mustCLI("dismount", "DSA1")
-			b.mustCLI("dismount", "DSA1")
+			other.mustCLI("dismount", "DSA1")
 			sameData(t, size, ms...)
 		})
 	}
