@@ -58,7 +58,7 @@ fuzz: ## run each fuzz target for FUZZTIME (default 30s)
 
 bench: tools ## side-by-side comparison with the peers (fio; 5 alternating runs, medians); table in bench.out
 	rm -f bench.out
-	SHADOW_BENCH=1 SHADOW_BENCH_OUT=$(CURDIR)/bench.out $(GO) test ./cmd/shadow -run '^TestPerformance(Comparison|Bitmaps|Cluster|ClusterFencing)$$' -count=1 -v -timeout 60m
+	SHADOW_BENCH=1 SHADOW_BENCH_OUT=$(CURDIR)/bench.out $(GO) test ./cmd/shadow -run '^TestPerformance(Comparison|Bitmaps|Cluster|ClusterFencing|ClusterHBMM)$$' -count=1 -v -timeout 60m
 
 cover: ## coverage report in coverage.out, summary on stdout
 	$(GO) test -count=1 -coverprofile=coverage.out ./...

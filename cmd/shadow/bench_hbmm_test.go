@@ -1,0 +1,119 @@
+package main
+
+// The HBMM-across-hosts part of make bench (SHADOW_BENCH=1): what
+// recording every host's chunks on masters elsewhere costs one host's
+// writes, how many bit-set messages a write costs cold and warm, and how a
+// per-writer minimerge after a writer's failure compares with a full merge
+// of the same set. Ratios, measured side by side in one run.
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestPerformanceClusterHBMM(t *testing.T) {
+	if os.Getenv("SHADOW_BENCH") != "1" {
+		t.Skip("make bench runs this (SHADOW_BENCH=1)")
+	}
+	requireTools(t, "fio")
+	var b strings.Builder
+	fmt.Fprintf(&b, "## HBMM across hosts (3 hosts on 127.0.0.1, masters B and C, write policy all)\n\n")
+	benchHBMMWrites(t, &b)
+	benchHBMMMinimerge(t, &b)
+	fmt.Println(b.String())
+	appendBenchOut(t, b.String())
+}
+
+// bitSetsSent is the bit-set messages a host sent for a set so far.
+func bitSetsSent(t *testing.T, nd *cnode, set string) uint64 {
+	t.Helper()
+	s, _ := setOf(nd.show(), set)
+	if s.HBMM == nil {
+		return 0
+	}
+	return s.HBMM.BitSets
+}
+
+// benchHBMMWrites: 4 KiB random writes through A over 1 GiB, DSA1 mounted
+// on A, B and C; HBMM off, then on with both masters on other hosts (a
+// cold pass: A's cache of known-set chunks is empty, then a warm one),
+// alternating.
+func benchHBMMWrites(t *testing.T, b *strings.Builder) {
+	c := newCluster(t, 3*time.Second, []string{"A", "B", "C"})
+	ms := c.members(2, benchSize)
+	a := c.node("A")
+	c.mountEverywhere(a, "DSA1", ms, nil)
+	var off, cold, warm, coldMsgs, warmMsgs []float64
+	runtime := 12.0 // benchRuntime plus fio's ramp, both counted in messages
+	for range benchRounds {
+		off = append(off, fioIOPSSized(t, a.uri("DSA1"), "1g"))
+		hbmmPolicy(t, c, a, "DSA1", "B", "C")
+		before := bitSetsSent(t, a, "DSA1")
+		iops := fioIOPSSized(t, a.uri("DSA1"), "1g")
+		mid := bitSetsSent(t, a, "DSA1")
+		cold, coldMsgs = append(cold, iops), append(coldMsgs, float64(mid-before)/(iops*runtime))
+		iops = fioIOPSSized(t, a.uri("DSA1"), "1g")
+		warm, warmMsgs = append(warm, iops), append(warmMsgs, float64(bitSetsSent(t, a, "DSA1")-mid)/(iops*runtime))
+		a.mustCLI("set", "DSA1", "--disable", "hbmm")
+	}
+	fmt.Fprintf(b, "4 KiB random writes through A over 1 GiB (fio nbd, iodepth 16, %ss, %d alternating rounds, medians); bit-set messages per write counted from A's `show` over the run and its ramp:\n\n", benchRuntime, benchRounds)
+	fmt.Fprintf(b, "| HBMM | IOPS | ratio | bit-sets per write |\n|---|---|---|---|\n")
+	fmt.Fprintf(b, "| off | %.0f | 1.00 | 0 |\n", median(off))
+	fmt.Fprintf(b, "| all, cold (first pass) | %.0f | %.2f | %.3f |\n", median(cold), median(cold)/median(off), median(coldMsgs))
+	fmt.Fprintf(b, "| all, warm (second pass) | %.0f | %.2f | %.4f |\n\n", median(warm), median(warm)/median(off), median(warmMsgs))
+	t.Logf("off %v cold %v warm %v msgs cold %v warm %v", off, cold, warm, coldMsgs, warmMsgs)
+}
+
+// benchHBMMMinimerge: C writes 1% of the chunks of a 1 GiB set and is
+// SIGKILLed: the minimerge of its chunks on a master, against a full
+// merge of the same set (a demand merge with HBMM off), each three times.
+func benchHBMMMinimerge(t *testing.T, b *strings.Builder) {
+	var mini, full []float64
+	var chunks uint64
+	for i := range 3 {
+		// A subtest each, so that each cluster stops before the next.
+		t.Run(fmt.Sprintf("run%d", i), func(t *testing.T) {
+			c := newCluster(t, 3*time.Second, []string{"A", "B", "C"})
+			ms := c.members(2, benchSize)
+			a, victim := c.node("A"), c.node("C")
+			c.mountEverywhere(a, "DSA1", ms, nil)
+			hbmmPolicy(t, c, a, "DSA1", "A", "B")
+			cl := dialFence(t, victim, "DSA1")
+			buf := make([]byte, 4096)
+			for _, i := range rand.Perm(int(benchSize / hbmmChunk))[:benchSize/hbmmChunk/100] {
+				if err := cl.WriteAt(buf, int64(i)*hbmmChunk, 0); err != nil {
+					t.Fatal(err)
+				}
+			}
+			victim.crash()
+			w, _ := hbmmMinimerge(t, []*cnode{a, c.node("B")}, "DSA1", 5*time.Minute)
+			mini, chunks = append(mini, float64(w.ElapsedMS)), w.BitmapChunks
+			c.waitIdleEverywhere("DSA1", 5*time.Minute)
+			a.mustCLI("set", "DSA1", "--disable", "hbmm")
+			a.mustCLI("set", "DSA1", "--demand-merge")
+			var ms2 float64
+			waitFor(t, 10*time.Minute, "the demand merge (full) completed", func() (bool, string) {
+				for _, nd := range c.live() {
+					s, _ := setOf(nd.show(), "DSA1")
+					for _, w := range s.Completed {
+						if w.Kind == "full-merge" {
+							ms2 = float64(w.ElapsedMS)
+							return true, ""
+						}
+					}
+				}
+				return false, "running"
+			})
+			full = append(full, ms2)
+		})
+	}
+	fmt.Fprintf(b, "Merge after a writer that wrote 1%% of a 1 GiB set (%d chunks of 64 KiB) was SIGKILLed, 3 runs, medians:\n\n", chunks)
+	fmt.Fprintf(b, "| merge | ms | share of the full merge |\n|---|---|---|\n")
+	fmt.Fprintf(b, "| minimerge of the failed writer's chunks | %.0f | %.1f%% |\n", median(mini), 100*median(mini)/median(full))
+	fmt.Fprintf(b, "| full merge (demand merge, HBMM off) | %.0f | 100%% |\n\n", median(full))
+	t.Logf("mini %v full %v", mini, full)
+}
