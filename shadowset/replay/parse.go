@@ -357,7 +357,7 @@ func ParseLine(line string) (d Directive, ok bool, err error) {
 			return d, false, err
 		}
 		if len(ms) == 0 {
-			return d, false, fmt.Errorf("%w: covered needs masters=HOST,...", ErrSyntax)
+			return d, false, fmt.Errorf("%w: covered needs masters=HOST[,HOST]", ErrSyntax)
 		}
 		ev(shadowset.Event{Kind: shadowset.EvCovered, Set: a.pos[0], Host: h, Spec: &shadowset.SetSpec{Name: a.pos[0], HBMM: ms}})
 		want = 1
