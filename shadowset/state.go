@@ -69,13 +69,13 @@ type bitmapState struct {
 }
 
 type setState struct {
-	Name       string        `json:"name"`
-	Members    []memberState `json:"members"`
-	Mounted    []string      `json:"mounted,omitempty"`
+	Name    string        `json:"name"`
+	Members []memberState `json:"members"`
+	Mounted []string      `json:"mounted,omitempty"`
 	// HBMM are the master candidates (every host of Lists), Lists the
 	// policy's master lists in order.
-	HBMM       []string      `json:"hbmm,omitempty"`
-	Lists      []MasterList  `json:"hbmm_lists,omitempty"`
+	HBMM  []string     `json:"hbmm,omitempty"`
+	Lists []MasterList `json:"hbmm_lists,omitempty"`
 	// Gaps are the (master, writer) pairs where the master has become one
 	// after the writer mounted, and the writer has not yet reported the
 	// handshake (EvCovered) that makes the master's bitmap for it whole.

@@ -72,10 +72,10 @@ type MemberView struct {
 
 // SetView is a read-only copy of a set, its ops in queue order.
 type SetView struct {
-	Name       string
-	Members    []MemberView
-	Removed    []MemberView // former members with a minicopy bitmap
-	Mounted    []string
+	Name    string
+	Members []MemberView
+	Removed []MemberView // former members with a minicopy bitmap
+	Mounted []string
 	// HBMM are the master candidates, sorted; Masters those holding
 	// master bitmaps now; Gaps the masters that do not yet cover a writer.
 	HBMM       []string
