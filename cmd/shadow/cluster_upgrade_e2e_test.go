@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shadow-project/shadow/cluster"
 	"github.com/shadow-project/shadow/cmd/internal/report"
 )
 
@@ -45,10 +46,10 @@ func levels(t *testing.T, c *testCluster) (core map[string]int, leases map[strin
 }
 
 // A rolling upgrade: three hosts run the level-1 build and mount a set;
-// one at a time, each is stopped cleanly, started with the level-2 build
-// and mounts the set again, while another host writes and verifies
-// through its export. Leases (level 2) switch on only when the last host
-// runs the new build; nothing fio acknowledged is lost, and the members
+// one at a time, each is stopped cleanly, started with this build (level
+// 3: leases and HBMM across hosts) and mounts the set again, while another
+// host writes and verifies through its export. The new levels switch on
+// only when the last host runs the new build; nothing fio acknowledged is lost, and the members
 // end identical.
 func TestClusterE2ERollingUpgrade(t *testing.T) {
 	requireTools(t, "fio")
@@ -89,16 +90,16 @@ func TestClusterE2ERollingUpgrade(t *testing.T) {
 						}
 					}
 					r := nd.show()
-					if r.Cluster.BuildLevel != 2 || !slices.Contains(r.Cluster.Behind, order[len(order)-1].name) {
+					if r.Cluster.BuildLevel != cluster.CoreLevel() || !slices.Contains(r.Cluster.Behind, order[len(order)-1].name) {
 						t.Fatalf("the upgraded %s reports build level %d, behind %v", nd.name, r.Cluster.BuildLevel, r.Cluster.Behind)
 					}
 					continue
 				}
-				waitFor(t, 20*time.Second, "core level 2 and valid leases on every host once the last one runs the new build", func() (bool, string) {
+				waitFor(t, 20*time.Second, "this build's core level and valid leases on every host once the last one runs it", func() (bool, string) {
 					core, leases := levels(t, c)
 					ok := len(core) == 3
 					for _, n := range core {
-						ok = ok && n == 2
+						ok = ok && n == cluster.CoreLevel()
 					}
 					for _, ls := range leases {
 						for _, l := range ls {
@@ -128,10 +129,10 @@ func TestClusterE2ERollingUpgrade(t *testing.T) {
 				"--host", "A", "--cluster-listen", c.nodes[0].gossip, "--state-dir", c.nodes[0].state, "--join", strings.Join(join, ",")}
 			out, err := runCmdTimeout(exec.Command(old, append(args, testLeaseFlags...)...), 90*time.Second)
 			if err == nil || !strings.Contains(out, "core level") {
-				t.Fatalf("a level-1 agent joined a level-2 cluster (err %v):\n%s", err, lastLines(out, 10))
+				t.Fatalf("a level-1 agent joined a cluster of this build's level (err %v):\n%s", err, lastLines(out, 10))
 			}
 			var rep report.ShowReport = c.nodes[1].show()
-			if rep.Cluster.CoreLevel != 2 {
+			if rep.Cluster.CoreLevel != cluster.CoreLevel() {
 				t.Fatalf("core level %d after an older build tried to join", rep.Cluster.CoreLevel)
 			}
 		})
