@@ -29,6 +29,9 @@ func hbmmPolicy(t *testing.T, c *testCluster, on *cnode, set string, masters ...
 				return false, err.Error()
 			}
 			s, ok := setOf(r, set)
+			if !ok && r.Cluster != nil && slices.ContainsFunc(r.Cluster.Hosts, func(h report.HostShow) bool { return h.Host == nd.name && h.Witness }) {
+				return true, "" // a witness mounts nothing
+			}
 			if !ok || s.HBMM == nil {
 				return false, "no hbmm section"
 			}
@@ -173,6 +176,104 @@ func TestClusterE2EHBMMWriterKilled(t *testing.T) {
 			c.waitIdleEverywhere("DSA1", 2*time.Minute)
 			a.mustCLI("dismount", "DSA1")
 			other.mustCLI("dismount", "DSA1")
+			sameData(t, size, ms...)
+		})
+	}
+}
+
+// completedKinds lists the kinds of the ops nd's show reports completed on
+// set, by op ID.
+func completedKinds(t *testing.T, nd *cnode, set string) map[uint64]string {
+	t.Helper()
+	r, err := nd.tryShow()
+	if err != nil {
+		return nil
+	}
+	s, _ := setOf(r, set)
+	kinds := map[uint64]string{}
+	for _, w := range s.Completed {
+		kinds[w.ID] = w.Kind
+	}
+	return kinds
+}
+
+// TestClusterE2EHBMMMastersGone: hosts A, B, C, D mount DSA1 with HBMM
+// masters A and B only (no other host is eligible), and a witness W keeps
+// the voters at five. A and B are SIGKILLed together: whatever merge
+// their failures need runs and completes on C or D, and the set is left
+// with no master (HBMM off). C then writes without masters and is
+// SIGKILLed: with no bitmap of C's writes anywhere, the merge that covers
+// it is a full merge, and the members end identical.
+func TestClusterE2EHBMMMastersGone(t *testing.T) {
+	requireTools(t, "fio")
+	const size = 64 << 20
+	delay := 3 * time.Second
+	for round := range repeats(t) {
+		t.Run(fmt.Sprintf("round%d", round), func(t *testing.T) {
+			c := newCluster(t, delay, []string{"A", "B", "C", "D"})
+			ms := c.members(3, size)
+			a, b, cw, d := c.node("A"), c.node("B"), c.node("C"), c.node("D")
+			c.mountEverywhere(a, "DSA1", ms, nil)
+			c.addWitnessWith("W")
+			hbmmPolicy(t, c, c.nodes[rand.IntN(4)], "DSA1", "A", "B")
+			// C and D write to their own ranges while the masters die.
+			cfio := background(t, "fio", fioArgs("cload", cw.uri("DSA1"), "0", "16m", "--time_based", "--runtime=60")...)
+			defer endGroup(cfio)
+			dfio := background(t, "fio", fioArgs("dload", d.uri("DSA1"), "32m", "16m", "--time_based", "--runtime=60")...)
+			defer endGroup(dfio)
+			time.Sleep(time.Duration(200+rand.IntN(800)) * time.Millisecond)
+			a.crash()
+			b.crash()
+			waitFor(t, delay+time.Minute, "DSA1 without masters and with no op left, and voters C, D, W, as C and D see it", func() (bool, string) {
+				var seen []string
+				ok := true
+				for _, nd := range []*cnode{cw, d} {
+					r, err := nd.tryShow()
+					if err != nil {
+						return false, err.Error()
+					}
+					s, _ := setOf(r, "DSA1")
+					var masters []string
+					if s.HBMM != nil {
+						masters = s.HBMM.ActiveOn
+					}
+					// The leader must have removed A and B from the voters, or
+					// C's death would leave no quorum.
+					var voters []string
+					for _, sv := range r.Cluster.Servers {
+						if sv.Voter {
+							voters = append(voters, sv.Host)
+						}
+					}
+					slices.Sort(voters)
+					ok = ok && len(masters) == 0 && len(s.Ops) == 0 && slices.Equal(s.Mounted, []string{"C", "D"}) && slices.Equal(voters, []string{"C", "D", "W"})
+					seen = append(seen, fmt.Sprintf("%s: masters %v mounted %v ops %d voters %v", nd.name, masters, s.Mounted, len(s.Ops), voters))
+				}
+				return ok, strings.Join(seen, "; ")
+			})
+			before := completedKinds(t, d, "DSA1")
+			// C writes on without masters, then dies mid-write.
+			time.Sleep(time.Duration(300+rand.IntN(1200)) * time.Millisecond)
+			cw.crash()
+			endGroup(cfio)
+			var kind string
+			var id uint64
+			waitFor(t, delay+time.Minute, "the merge for C's failure completed on D", func() (bool, string) {
+				for k, v := range completedKinds(t, d, "DSA1") {
+					if _, old := before[k]; !old && strings.Contains(v, "merge") {
+						id, kind = k, v
+						return true, ""
+					}
+				}
+				return false, fmt.Sprintf("completed %v", completedKinds(t, d, "DSA1"))
+			})
+			t.Logf("round %d: after A and B (the masters) died, C's failure was covered by op%d, a %s", round, id, kind)
+			if kind != "full-merge" {
+				t.Errorf("with every master dead, the merge for writer C's failure was op%d, a %s: want a full merge (no surviving bitmap holds C's writes)", id, kind)
+			}
+			endGroup(dfio)
+			c.waitIdleEverywhere("DSA1", 2*time.Minute)
+			d.mustCLI("dismount", "DSA1")
 			sameData(t, size, ms...)
 		})
 	}

@@ -119,13 +119,29 @@ func formatEvent(core *shadowset.Core, ev shadowset.Event) (string, error) {
 	case shadowset.EvForgetSet:
 		return "forget " + ev.Set, nil
 	case shadowset.EvHBMM:
+		var spec shadowset.SetSpec
+		if ev.Spec != nil {
+			spec = *ev.Spec
+		}
+		if len(spec.HBMMLists) == 1 {
+			spec.HBMM, spec.HBMMCount = spec.HBMMLists[0].Hosts, spec.HBMMLists[0].Count
+		} else if len(spec.HBMMLists) > 1 {
+			line := "hbmm " + ev.Set
+			for _, l := range spec.HBMMLists {
+				line += " " + strings.Join(l.Hosts, ",")
+				if l.Count > 0 {
+					line += fmt.Sprintf("/%d", l.Count)
+				}
+			}
+			return line, nil
+		}
 		hosts := "none"
-		if ev.Spec != nil && len(ev.Spec.HBMM) > 0 {
-			hosts = strings.Join(ev.Spec.HBMM, ",")
+		if len(spec.HBMM) > 0 {
+			hosts = strings.Join(spec.HBMM, ",")
 		}
 		line := "hbmm " + ev.Set + " " + hosts
-		if ev.Spec != nil && ev.Spec.HBMMCount > 0 {
-			line += fmt.Sprintf(" count=%d", ev.Spec.HBMMCount)
+		if spec.HBMMCount > 0 {
+			line += fmt.Sprintf(" count=%d", spec.HBMMCount)
 		}
 		return line, nil
 	case shadowset.EvCovered:

@@ -96,3 +96,41 @@ func TestFormatStaleReports(t *testing.T) {
 		t.Fatal("a host name with a space was written into a script")
 	}
 }
+
+// TestFormatMasterLists: an agent's policy sends master lists
+// (HBMMLists), not the one-list form; Format must keep every list and
+// count, so that a replay of `show --events` chooses the same masters.
+func TestFormatMasterLists(t *testing.T) {
+	for _, lists := range [][]shadowset.MasterList{
+		{{Hosts: []string{"A", "B"}}},
+		{{Hosts: []string{"A", "B", "C"}, Count: 2}},
+		{{Hosts: []string{"A", "B"}, Count: 1}, {Hosts: []string{"C", "*"}, Count: 1}},
+	} {
+		dirs, err := replay.Parse("setup", strings.NewReader("nodes A B C D\nset DSA1 members=M1,M2 mounted=A,B,C,D\n"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		dirs = append(dirs, replay.Directive{Events: []shadowset.Event{{Kind: shadowset.EvHBMM, Set: "DSA1", Spec: &shadowset.SetSpec{Name: "DSA1", HBMMLists: lists}}}})
+		evs, want := accepted(t, dirs)
+		if evs[len(evs)-1].Kind != shadowset.EvHBMM {
+			t.Fatalf("lists %+v refused", lists)
+		}
+		script, err := replay.Format(evs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dirs, err = replay.Parse("formatted", strings.NewReader(script))
+		if err != nil {
+			t.Fatalf("%v\n%s", err, script)
+		}
+		r := replay.NewRunner(nil)
+		if err := r.Run(dirs); err != nil {
+			t.Fatalf("%v\n%s", err, script)
+		}
+		gv, _ := r.Core.Set("DSA1")
+		wv, _ := want.Set("DSA1")
+		if !reflect.DeepEqual(gv.Masters, wv.Masters) || !reflect.DeepEqual(gv.Lists, wv.Lists) || len(wv.Masters) == 0 {
+			t.Errorf("lists %+v: replay of\n%s\nchose masters %v (lists %+v), the core %v (lists %+v)", lists, script, gv.Masters, gv.Lists, wv.Masters, wv.Lists)
+		}
+	}
+}

@@ -331,18 +331,32 @@ func ParseLine(line string) (d Directive, ok bool, err error) {
 			return d, false, err
 		}
 		spec := &shadowset.SetSpec{Name: a.pos[0]}
-		if a.pos[1] != "none" {
+		if len(a.pos) > 2 {
+			// Several master lists: HOSTS[/COUNT] each.
+			for _, l := range a.pos[1:] {
+				hosts, count, _ := strings.Cut(l, "/")
+				ml := shadowset.MasterList{Hosts: strings.Split(hosts, ",")}
+				if count != "" {
+					n, err := strconv.Atoi(count)
+					if err != nil || n < 1 {
+						return d, false, fmt.Errorf("%w: hbmm list %q: want HOSTS or HOSTS/COUNT with a positive count", ErrSyntax, l)
+					}
+					ml.Count = n
+				}
+				spec.HBMMLists = append(spec.HBMMLists, ml)
+			}
+		} else if a.pos[1] != "none" {
 			spec.HBMM = strings.Split(a.pos[1], ",")
 		}
 		if v, ok := a.opt("count"); ok {
 			n, err := strconv.Atoi(v)
-			if err != nil || n < 1 {
-				return d, false, fmt.Errorf("%w: hbmm count=%q: want a positive number", ErrSyntax, v)
+			if err != nil || n < 1 || len(spec.HBMMLists) > 0 {
+				return d, false, fmt.Errorf("%w: hbmm count=%q: want a positive number, for a single list", ErrSyntax, v)
 			}
 			spec.HBMMCount = n
 		}
 		ev(shadowset.Event{Kind: shadowset.EvHBMM, Set: a.pos[0], Spec: spec})
-		want = 2
+		want = len(a.pos)
 	case "covered":
 		if err := a.need(1, "a set"); err != nil {
 			return d, false, err
