@@ -39,7 +39,9 @@ import (
 //	3: HBMM across hosts: master candidates with a count, per-writer
 //	   coverage (EvCovered). Below it a cluster refuses HBMM policies: a
 //	   level-2 build keeps a master bitmap of its own writes only, which
-//	   cannot cover another host's.
+//	   cannot cover another host's. Minicopy across hosts: a minicopy runs
+//	   on the host holding its bitmap (shadowset.Rules), and the other
+//	   hosts record their writes there while the member is away.
 
 // buildCoreLevel is this build's core level; tests build an "older"
 // agent with -ldflags "-X github.com/shadow-project/shadow/cluster.buildCoreLevel=1".
@@ -54,7 +56,7 @@ const LevelHBMM = 3
 // checkHBMMLevel refuses HBMM events below LevelHBMM: the hosts would
 // not agree on what a master covers.
 func (l *Log) checkHBMMLevel(ev shadowset.Event) error {
-	hbmm := ev.Kind == shadowset.EvCovered || (ev.Kind == shadowset.EvHBMM && ev.Spec != nil && len(ev.Spec.HBMM) > 0)
+	hbmm := ev.Kind == shadowset.EvCovered || (ev.Kind == shadowset.EvHBMM && ev.Spec != nil && (len(ev.Spec.HBMM) > 0 || len(ev.Spec.HBMMLists) > 0))
 	if hbmm && l.level < LevelHBMM {
 		return fmt.Errorf("%w: HBMM across hosts is off until every host runs core level %d (the cluster runs %d)", shadowset.ErrBadEvent, LevelHBMM, l.level)
 	}

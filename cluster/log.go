@@ -697,6 +697,7 @@ func (l *Log) opRunning(set string, op shadowset.OpID, host string) bool {
 
 // step applies one event to the core and hands its Ready on.
 func (l *Log) step(ev shadowset.Event, origin string) error {
+	l.core.SetRules(shadowset.Rules{MinicopyAnyHost: l.level < LevelHBMM})
 	if err := l.core.Step(ev); err != nil {
 		return err
 	}

@@ -14,7 +14,21 @@ import (
 type Core struct {
 	s     *state
 	ready Ready
+	rules Rules
 }
+
+// Rules switch off decisions a cluster may take only once every host
+// runs a build that has them (rolling upgrades: cluster/level.go). Their
+// zero value is this build's rules; a cluster sets them before each event
+// from its level, the same on every host.
+type Rules struct {
+	// MinicopyAnyHost: a minicopy runs on any eligible host, not first
+	// on the host that holds its bitmap (core levels below 3).
+	MinicopyAnyHost bool
+}
+
+// SetRules sets the rules the next events are decided by.
+func (c *Core) SetRules(r Rules) { c.rules = r }
 
 // New returns a core with no hosts and no sets.
 func New() *Core {

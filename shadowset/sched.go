@@ -219,6 +219,12 @@ func (c *Core) chooseHost(st *setState, op *opState) string {
 			return ""
 		}
 	}
+	// A minicopy runs where its bitmap is when it can: elsewhere it has to
+	// copy the whole volume (the bitmap's holder may have dismounted the
+	// set and still keep it, Table 8-1 row 3).
+	if op.Kind == Minicopy && !c.rules.MinicopyAnyHost && slices.Contains(cands, op.Bitmap) {
+		return op.Bitmap
+	}
 	best := cands[0]
 	for _, h := range cands[1:] {
 		ph, pb := c.s.priority(h, st.Name), c.s.priority(best, st.Name)

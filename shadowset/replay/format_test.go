@@ -134,3 +134,32 @@ func TestFormatMasterLists(t *testing.T) {
 		}
 	}
 }
+
+// TestMinicopyHostRules: a minicopy runs on the host holding its bitmap,
+// unless the rules of an older core level are in force (a cluster in a
+// rolling upgrade), where the highest-priority host runs it.
+func TestMinicopyHostRules(t *testing.T) {
+	const script = `nodes A B
+set DSA1 members=m1a,m1b,m1c mounted=A,B
+remove DSA1 m1c minicopy on=B
+add DSA1 m1c
+`
+	for _, c := range []struct {
+		rules shadowset.Rules
+		want  string
+	}{{shadowset.Rules{}, "B"}, {shadowset.Rules{MinicopyAnyHost: true}, "A"}} {
+		dirs, err := replay.Parse("rules", strings.NewReader(script))
+		if err != nil {
+			t.Fatal(err)
+		}
+		r := replay.NewRunner(nil)
+		r.Core.SetRules(c.rules)
+		if err := r.Run(dirs); err != nil {
+			t.Fatal(err)
+		}
+		sv, _ := r.Core.Set("DSA1")
+		if len(sv.Ops) != 1 || sv.Ops[0].Kind != shadowset.Minicopy || sv.Ops[0].Host != c.want {
+			t.Errorf("rules %+v: ops %+v, want a minicopy running on %s", c.rules, sv.Ops, c.want)
+		}
+	}
+}

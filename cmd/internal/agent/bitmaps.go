@@ -36,6 +36,11 @@ type minicopyBitmap struct {
 	bm  *bitmap.Bitmap
 	// automatic: made when the member was expelled after an I/O error.
 	automatic bool
+	// remoteKey, in a cluster, names the master store entry where the
+	// other hosts that mount the set record their writes while the member
+	// is away (minicopyKey); the minicopy covers bm and every writer's
+	// bitmap there.
+	remoteKey string
 }
 
 func minicopySink(path string) string { return "minicopy " + path }
@@ -82,6 +87,9 @@ type bitmaps struct {
 	mu        sync.Mutex
 	hbmm      hbmmSetting
 	minicopy  map[string]*minicopyBitmap // by member path
+	// closeRemote forgets a minicopy's remoteKey (the master store's
+	// Close), when there is one.
+	closeRemote func(key string)
 	work      map[shadowset.OpID]*opWork
 	completed []report.OpWorkShow // most recent last
 	// logged is the union of the members' write logs found at mount.
@@ -146,7 +154,7 @@ func (b *bitmaps) keepMinicopy(mc *minicopyBitmap, seed func() *bitmap.Bitmap) e
 	if err != nil {
 		return err
 	}
-	b.dropMinicopy(mc.path)
+	b.forgetMinicopy(mc.path)
 	if err := b.tracker.AddSink(minicopySink(mc.path), bm); err != nil {
 		return err
 	}
@@ -165,10 +173,20 @@ func (b *bitmaps) keepMinicopy(mc *minicopyBitmap, seed func() *bitmap.Bitmap) e
 // dropMinicopy deletes a member's minicopy bitmap (its minicopy completed,
 // or it cannot be used).
 func (b *bitmaps) dropMinicopy(path string) {
+	if mc := b.forgetMinicopy(path); mc != nil && mc.remoteKey != "" && b.closeRemote != nil {
+		b.closeRemote(mc.remoteKey)
+	}
+}
+
+// forgetMinicopy is dropMinicopy that leaves the remote entry alone (a
+// new bitmap for the member is about to replace it).
+func (b *bitmaps) forgetMinicopy(path string) *minicopyBitmap {
 	b.mu.Lock()
+	mc := b.minicopy[path]
 	delete(b.minicopy, path)
 	b.mu.Unlock()
 	b.tracker.RemoveSink(minicopySink(path))
+	return mc
 }
 
 // hbmmBitmap is the master bitmap, if this host holds one.

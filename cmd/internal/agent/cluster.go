@@ -123,7 +123,7 @@ func (a *Agent) applyCluster(ev shadowset.Event, origin string, rd shadowset.Rea
 	if origin != a.host {
 		switch ev.Kind {
 		case shadowset.EvIOError, shadowset.EvRemoveMember:
-			a.deferred.Do(func(bool) { a.remoteRemoved(ev.Set, ev.Member) })
+			a.deferred.Do(func(bool) { a.remoteRemoved(ev.Set, ev.Member, ev.Kind == shadowset.EvRemoveMember && ev.Minicopy) })
 		case shadowset.EvAddMember:
 			a.deferred.Do(func(bool) { a.remoteAdded(ev.Set, ev.Member) })
 		}
@@ -135,6 +135,7 @@ func (a *Agent) applyCluster(ev shadowset.Event, origin string, rd shadowset.Rea
 // apply path then follows the core's masters: syncHBMM). Under a.mu.
 func (a *Agent) attachHBMM(vol *volume) {
 	_ = a.mstore.Open(vol.name, vol.bm.chunkSize)
+	vol.bm.closeRemote = a.mstore.Close
 	vol.hbw = newHBMMWriter(a, vol)
 }
 
@@ -148,8 +149,12 @@ func (a *Agent) detachHBMM(vol *volume) {
 }
 
 // remoteRemoved takes out of this host's VU a member another host
-// removed or expelled (that host wrote the metadata).
-func (a *Agent) remoteRemoved(set, path string) {
+// removed or expelled (that host wrote the metadata). With a minicopy
+// bitmap on that host, the apply path has already made it a target of
+// this host's bit-sets (syncHBMM); the cache of known-set chunks is
+// emptied again with no write in flight, so that every write the member
+// misses from here on records its chunks there first.
+func (a *Agent) remoteRemoved(set, path string, minicopy bool) {
 	vol, err := a.volume(set)
 	if err != nil {
 		return // not mounted here
@@ -161,7 +166,13 @@ func (a *Agent) remoteRemoved(set, path string) {
 	if !ok {
 		return
 	}
-	if err := vol.vu.RemoveMember(path); err != nil {
+	vol.quiesce(func() {
+		if minicopy {
+			vol.bm.tracker.Invalidate()
+		}
+		err = vol.vu.RemoveMember(path)
+	})
+	if err != nil {
 		a.log.Warn().Str("vu", set).Str("member", path).Err(err).Msg("cannot drop a member another host removed")
 	}
 	vol.retire(m.dev)
@@ -454,7 +465,7 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 		}
 		for _, mv := range sv.Members {
 			if !slices.ContainsFunc(now.Members, func(o shadowset.MemberView) bool { return o.Name == mv.Name }) {
-				a.remoteRemoved(args.Set, mv.Name)
+				a.remoteRemoved(args.Set, mv.Name, true)
 			}
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/shadow-project/shadow/cluster"
 	"github.com/shadow-project/shadow/cmd/internal/control"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/policy"
@@ -279,8 +280,8 @@ func (a *Agent) dismountMember(name, path, policyText string) error {
 	keep := mc != policy.NoMinicopy
 	if keep {
 		why := ""
-		if a.clustered() && a.mountedElsewhere(name) {
-			why = "other hosts write the set, and a minicopy bitmap here would miss their writes (write bitmaps across hosts are not built yet)"
+		if a.clustered() && a.mountedElsewhere(name) && a.clog.Level() < cluster.LevelHBMM {
+			why = fmt.Sprintf("other hosts write the set, and they record their writes in a minicopy bitmap here only once every host runs core level %d (a rolling upgrade is under way)", cluster.LevelHBMM)
 		} else if _, role, _ := vol.vu.Device(path); role != vu.Full {
 			why = "it is a copy target, not a full member"
 		} else if sv, ok := a.setView(name); ok {
@@ -298,8 +299,23 @@ func (a *Agent) dismountMember(name, path, policyText string) error {
 			keep = false
 		}
 	}
+	// In a cluster, the other hosts record the chunks they write while the
+	// member is away in this host's master store: the entry exists before
+	// any host can apply the removal, so that none finds it missing. It
+	// also holds the proof a host where the member returns checks.
+	remoteKey := ""
+	if keep && a.clustered() {
+		remoteKey = minicopyKey(name, path)
+		a.mstore.Close(remoteKey) // (what an earlier absence left)
+		if err := a.mstore.Open(remoteKey, vol.bm.chunkSize); err != nil {
+			return fmt.Errorf("dismount %s --member %s: %w", name, path, err)
+		}
+	}
 	old := a.runsNow()
 	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvRemoveMember, Set: name, Member: path, Host: a.host, Minicopy: keep}); err != nil {
+		if remoteKey != "" {
+			a.mstore.Close(remoteKey)
+		}
 		return err
 	}
 	// A copy to the member is dropped by the core; wait for its engine
@@ -317,18 +333,33 @@ func (a *Agent) dismountMember(name, path, policyText string) error {
 	// With no write in flight, the member leaves the I/O path and its
 	// bitmap starts: it holds every write before, the bitmap every write
 	// after.
+	away := &minicopyBitmap{path: path, uuid: m.uuid, gen: gen, remoteKey: remoteKey}
 	vol.quiesce(func() {
 		err = vol.vu.RemoveMember(path)
 		if err == nil && keep {
-			err = vol.bm.keepMinicopy(&minicopyBitmap{path: path, uuid: m.uuid, gen: gen}, nil)
+			err = vol.bm.keepMinicopy(away, nil)
 		}
 	})
 	if err != nil {
+		if remoteKey != "" {
+			a.mstore.Close(remoteKey)
+		}
 		return err
 	}
 	// Its own metadata stays at gen; flushed, it is a consistent image of
 	// the set at the moment it left.
 	flushErr := m.dev.Flush()
+	if remoteKey != "" && flushErr == nil {
+		// The generation the member carries is the one the set's metadata
+		// writer (maybe another host) last gave it: the proof a host where
+		// it returns checks (minicopyProof).
+		if md, _, err := meta.Read(m.dev); err == nil {
+			away.gen = md.Generation
+		}
+		if _, err := a.mstore.Bitmap(remoteKey, minicopyProof(away.uuid, away.gen)); err != nil {
+			a.log.Warn().Str("vu", name).Str("member", path).Err(err).Msg("no proof of the minicopy bitmap: the member will get a full copy")
+		}
+	}
 	vol.setRole(path, meta.RoleRemoved)
 	vol.forgetKeepTable(path)
 	if !a.clustered() { // (a cluster's metadata writer recorded it from the log)

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"slices"
 	"strings"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/bitmap/wire"
+	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/policy"
 	"github.com/shadow-project/shadow/shadowset"
 )
@@ -44,9 +47,10 @@ type hbmmWriter struct {
 	a   *Agent
 	vol *volume
 	mu  sync.Mutex
-	// remotes are the masters other than this host; changed is closed
-	// when they change.
-	remotes []string
+	// remotes are where this host's writes are recorded elsewhere: the
+	// masters other than this host, and the hosts keeping a minicopy
+	// bitmap of an absent member; changed is closed when they change.
+	remotes []bitSetTarget
 	changed chan struct{}
 	// handshake: a handshake goroutine is running.
 	handshake bool
@@ -99,14 +103,23 @@ func (w *hbmmWriter) Set(first, last uint64) error {
 	}
 }
 
-// setOnce sends one bit-set to every remote master and waits for all
-// that are still masters.
+// bitSetTarget is one place a writer records its chunks before a write:
+// Key is the master store entry on Host (the set's name for its HBMM
+// masters, minicopyKey for an absent member's minicopy bitmap).
+type bitSetTarget struct {
+	Host, Key string
+}
+
+func (t bitSetTarget) String() string { return t.Host + ":" + t.Key }
+
+// setOnce sends one bit-set to every remote target and waits for all
+// that are still targets.
 func (w *hbmmWriter) setOnce(rs []wire.Range, deadline time.Time) error {
 	w.mu.Lock()
 	ms, ch := slices.Clone(w.remotes), w.changed
 	w.mu.Unlock()
 	type result struct {
-		host string
+		host bitSetTarget
 		seq  uint64
 		err  error
 	}
@@ -115,7 +128,7 @@ func (w *hbmmWriter) setOnce(rs []wire.Range, deadline time.Time) error {
 	out := make(chan result, len(ms))
 	for _, m := range ms {
 		go func() {
-			seq, err := w.a.mpool.BitSet(ctx, m, w.vol.name, w.a.host, rs)
+			seq, err := w.a.mpool.BitSet(ctx, m.Host, m.Key, w.a.host, rs)
 			out <- result{m, seq, err}
 		}()
 	}
@@ -123,14 +136,14 @@ func (w *hbmmWriter) setOnce(rs []wire.Range, deadline time.Time) error {
 	pending := slices.Clone(ms)
 	var acked []result
 	var failed error
-	var failedHost string
+	var failedHost bitSetTarget
 	for len(pending) > 0 {
 		select {
 		case r := <-out:
 			if !slices.Contains(pending, r.host) {
 				continue // dropped by the log meanwhile
 			}
-			pending = slices.DeleteFunc(pending, func(h string) bool { return h == r.host })
+			pending = slices.DeleteFunc(pending, func(h bitSetTarget) bool { return h == r.host })
 			if r.err == nil {
 				acked = append(acked, r)
 			} else if failed == nil {
@@ -143,12 +156,16 @@ func (w *hbmmWriter) setOnce(rs []wire.Range, deadline time.Time) error {
 			cur := w.remotes
 			ch = w.changed
 			w.mu.Unlock()
-			pending = slices.DeleteFunc(pending, func(h string) bool { return !slices.Contains(cur, h) })
+			pending = slices.DeleteFunc(pending, func(h bitSetTarget) bool { return !slices.Contains(cur, h) })
 			if failed != nil && !slices.Contains(cur, failedHost) {
 				failed = nil
 			}
 		case <-ctx.Done():
-			return fmt.Errorf("bit-set to %s: %w", strings.Join(pending, ","), ctx.Err())
+			var names []string
+			for _, p := range pending {
+				names = append(names, p.String())
+			}
+			return fmt.Errorf("bit-set to %s: %w", strings.Join(names, ","), ctx.Err())
 		}
 	}
 	if failed == nil {
@@ -160,15 +177,14 @@ func (w *hbmmWriter) setOnce(rs []wire.Range, deadline time.Time) error {
 		go func() {
 			rctx, rcancel := context.WithTimeout(w.a.ctx, 5*time.Second)
 			defer rcancel()
-			_ = w.a.mpool.Rollback(rctx, r.host, w.vol.name, w.a.host, r.seq)
+			_ = w.a.mpool.Rollback(rctx, r.host.Host, r.host.Key, w.a.host, r.seq)
 		}()
 	}
 	return failed
 }
 
-// setRemotes records the masters other than this host; true if they
-// changed.
-func (w *hbmmWriter) setRemotes(ms []string) bool {
+// setRemotes records the remote targets; true if they changed.
+func (w *hbmmWriter) setRemotes(ms []bitSetTarget) bool {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if slices.Equal(w.remotes, ms) {
@@ -212,23 +228,41 @@ func (a *Agent) syncHBMM(vol *volume, sv shadowset.SetView) {
 	case !master && had:
 		vol.bm.tracker.RemoveSink(bitmap.HBMMSink)
 	}
-	// The other masters: the tracker's remote sink.
-	var remotes []string
+	// The other masters, and the other hosts' minicopy bitmaps of absent
+	// members: the tracker's remote sink.
+	var remotes []bitSetTarget
+	newMinicopy := false
 	if mounted && a.clustered() {
 		for _, m := range sv.Masters {
 			if m != a.host {
-				remotes = append(remotes, m)
+				remotes = append(remotes, bitSetTarget{Host: m, Key: vol.name})
 			}
+		}
+		w.mu.Lock()
+		old := w.remotes
+		w.mu.Unlock()
+		for _, r := range sv.Removed {
+			if r.Bitmap == "" || r.Bitmap == a.host || slices.ContainsFunc(sv.Members, func(m shadowset.MemberView) bool { return m.Name == r.Name }) {
+				continue
+			}
+			t := bitSetTarget{Host: r.Bitmap, Key: minicopyKey(vol.name, r.Name)}
+			remotes = append(remotes, t)
+			newMinicopy = newMinicopy || !slices.Contains(old, t)
 		}
 	}
 	if w.setRemotes(remotes) {
 		if len(remotes) > 0 {
-			vol.bm.tracker.SetRemote(w)
+			vol.bm.tracker.SetRemote(w) // (empties the cache)
 		} else {
 			vol.bm.tracker.SetRemote(nil)
 		}
-		a.log.Info().Str("vu", vol.name).Strs("masters", sv.Masters).Msg("hbmm masters")
+		var names []string
+		for _, r := range remotes {
+			names = append(names, r.String())
+		}
+		a.log.Info().Str("vu", vol.name).Strs("masters", sv.Masters).Strs("remote_bitmaps", names).Bool("new_minicopy", newMinicopy).Msg("hbmm masters and remote bitmaps")
 	}
+	a.dropStaleMinicopies(vol, sv)
 	var gaps []string
 	for _, g := range sv.Gaps {
 		if g.Writer == a.host {
@@ -388,3 +422,86 @@ func (w *hbmmWriter) stats() (bitSets, failures, retries uint64, perSecond float
 }
 
 var _ bitmap.Remote = (*hbmmWriter)(nil)
+
+// minicopyKey names the master store entry where the hosts that mount set
+// record their writes while member is away. The member's name is a path
+// that may be long; the key must fit a frame's string (wire.MaxString).
+func minicopyKey(set, member string) string {
+	sum := sha256.Sum256([]byte(member))
+	return set + "/minicopy/" + hex.EncodeToString(sum[:12])
+}
+
+// minicopyProof is the entry, in a minicopy bitmap's store key, that a
+// host where the member returns fetches to check that the bitmap is the
+// member's: same member and the set's generation it left at (a member
+// written outside the set comes back with another one). No host may write
+// it: it is no host's name.
+func minicopyProof(uuid meta.UUID, gen meta.Generation) string {
+	return fmt.Sprintf("@member %s left at %s", uuid, gen)
+}
+
+// dropStaleMinicopies drops this host's cluster minicopy bitmaps that the
+// core no longer keeps here (the member came back by full copy, or its
+// bitmap was given up), with their store entries.
+func (a *Agent) dropStaleMinicopies(vol *volume, sv shadowset.SetView) {
+	vol.bm.mu.Lock()
+	var stale []string
+	for p, mc := range vol.bm.minicopy {
+		if mc.remoteKey != "" && !slices.ContainsFunc(sv.Removed, func(r shadowset.MemberView) bool { return r.Name == p && r.Bitmap == a.host }) {
+			stale = append(stale, p)
+		}
+	}
+	vol.bm.mu.Unlock()
+	for _, p := range stale {
+		vol.bm.dropMinicopy(p)
+		a.log.Info().Str("vu", vol.name).Str("member", p).Msg("minicopy bitmap dropped: the core no longer keeps it here")
+	}
+}
+
+// remoteMinicopy adds to work the chunks the other hosts recorded in
+// this host's store for a returning member while it was away. The caller
+// has waited until every host applied the member's return (from then on
+// their writes reach it), so nothing recorded later is missing.
+func (a *Agent) remoteMinicopy(vol *volume, target string, work *bitmap.Bitmap) error {
+	mc := vol.bm.minicopyFor(target)
+	if mc == nil || mc.remoteKey == "" {
+		return nil
+	}
+	for writer := range a.mstore.Writers(mc.remoteKey) {
+		b, ok := a.mstore.Snapshot(mc.remoteKey, writer)
+		if !ok {
+			continue
+		}
+		if err := work.Or(b); err != nil {
+			return fmt.Errorf("minicopy of %s: %s's chunks: %w", target, writer, err)
+		}
+	}
+	return nil
+}
+
+// remoteMinicopyFor finds a returning member's minicopy bitmap on the host
+// it left from: the core names the host, and that host's store holds the
+// proof that the bitmap is for this member at the generation it carries
+// (minicopyProof). It returns a stand-in (no local bitmap; the op runs on
+// that host) or why the member cannot come back by minicopy ("" when the
+// core keeps no bitmap for it anywhere else).
+func (a *Agent) remoteMinicopyFor(vol *volume, path string, md *meta.Metadata) (*minicopyBitmap, string) {
+	sv, ok := a.setView(vol.name)
+	if !ok {
+		return nil, ""
+	}
+	i := slices.IndexFunc(sv.Removed, func(r shadowset.MemberView) bool { return r.Name == path && r.Bitmap != "" && r.Bitmap != a.host })
+	if i < 0 {
+		return nil, ""
+	}
+	holder := sv.Removed[i].Bitmap
+	if md == nil || md.SetUUID != vol.md.SetUUID {
+		return nil, "it is not the member that left"
+	}
+	ctx, cancel := context.WithTimeout(a.ctx, 10*time.Second)
+	defer cancel()
+	if _, err := a.mpool.Fetch(ctx, holder, minicopyKey(vol.name, path), minicopyProof(md.MemberUUID, md.Generation)); err != nil {
+		return nil, fmt.Sprintf("its minicopy bitmap on %s is not for this member at generation %s, or %s cannot be asked (%v)", holder, md.Generation, holder, err)
+	}
+	return &minicopyBitmap{path: path, uuid: md.MemberUUID, gen: md.Generation}, ""
+}

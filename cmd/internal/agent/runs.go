@@ -57,6 +57,13 @@ func (a *Agent) startRun(act shadowset.Action) {
 			return
 		}
 		var err error
+		if act.OpKind == shadowset.Minicopy && work != nil {
+			if err = a.remoteMinicopy(vol, act.Target, work); err != nil {
+				// (Chunk sizes agree by construction: not expected.)
+				a.log.Error().Str("vu", act.Set).Uint64("op", uint64(act.Op)).Err(err).Msg("minicopy covers the whole volume")
+				work = nil
+			}
+		}
 		for {
 			if act.OpKind.IsMerge() {
 				err = a.runMerge(ctx, vol, act, f, work)

@@ -673,8 +673,14 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	// anything else means it was written outside the set.
 	uuid := meta.NewUUID()
 	mc := vol.bm.minicopyFor(path)
-	why := ""
+	why, remoteWhy := "", ""
+	if mc == nil && a.clustered() {
+		// Its bitmap may be on the host it left from.
+		mc, remoteWhy = a.remoteMinicopyFor(vol, path, p.md)
+		why = remoteWhy
+	}
 	switch {
+	case why != "":
 	case mc == nil:
 		why = "no minicopy bitmap is kept for it"
 	case p.md == nil || p.md.SetUUID != vol.md.SetUUID || p.md.MemberUUID != mc.uuid:
@@ -688,8 +694,10 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 	if why == "" {
 		uuid = mc.uuid
 		res.Minicopies = []string{path}
-	} else if mc != nil {
-		vol.bm.dropMinicopy(path)
+	} else if mc != nil || remoteWhy != "" {
+		if mc != nil {
+			vol.bm.dropMinicopy(path)
+		}
 		res.Warnings = append(res.Warnings, fmt.Sprintf("%s gets a full copy: %s", path, why))
 	}
 	m := &memberRT{path: path, dev: p.dev, uuid: uuid}
