@@ -84,14 +84,14 @@ type bitmaps struct {
 	tracker    *bitmap.Tracker
 	sinceFlush *bitmap.SinceFlush
 
-	mu        sync.Mutex
-	hbmm      hbmmSetting
-	minicopy  map[string]*minicopyBitmap // by member path
+	mu       sync.Mutex
+	hbmm     hbmmSetting
+	minicopy map[string]*minicopyBitmap // by member path
 	// closeRemote forgets a minicopy's remoteKey (the master store's
 	// Close), when there is one.
 	closeRemote func(key string)
-	work      map[shadowset.OpID]*opWork
-	completed []report.OpWorkShow // most recent last
+	work        map[shadowset.OpID]*opWork
+	completed   []report.OpWorkShow // most recent last
 	// logged is the union of the members' write logs found at mount.
 	logged *bitmap.Bitmap
 }
