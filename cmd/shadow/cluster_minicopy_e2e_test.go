@@ -12,9 +12,10 @@ import (
 // TestClusterE2EMinicopyAcrossHosts: hosts A, B, C mount DSA1 with three
 // members. The holder H (a random host) removes the third member with a
 // minicopy policy; H and a second host W write through their exports
-// (every write completes); the member returns on the third host R with
+// (every write completes, and W fills a region it then keeps writing
+// through what follows); the member returns on the third host R with
 // --policy minicopy (required). The minicopy runs on H and copies exactly
-// the distinct chunks H and W wrote. A second round removes it again the
+// the distinct chunks H and W wrote, and the members end identical. A second round removes it again the
 // same way, writes, returns it on R while H keeps writing (so H's engine
 // runs at its min rate), and SIGKILLs H mid-minicopy: the op continues as
 // a full copy on a survivor. The members end identical both times.
@@ -38,10 +39,21 @@ func TestClusterE2EMinicopyAcrossHosts(t *testing.T) {
 			hc, wc := dialFence(t, h, "DSA1"), dialFence(t, w, "DSA1")
 			// Overlapping spans: chunks both wrote count once.
 			writes.write(hc, 0, 40<<20, 50+rand.IntN(300), 4, &never)
-			writes.write(wc, 24<<20, 40<<20, 50+rand.IntN(300), 4, &never)
+			writes.write(wc, 24<<20, 24<<20, 50+rand.IntN(300), 4, &never)
 			if writes.errs != 0 || len(writes.sent) != len(writes.acked) {
 				t.Fatalf("%d writes failed while the member was away", writes.errs)
 			}
+			// W also writes all of [48m, 64m) once, then keeps writing
+			// there through the member's return and its minicopy: those
+			// writes reach the member or its bitmap, never neither, and
+			// count no chunk twice.
+			mustRun(t, time.Minute, "fio", fioArgs("wfill", w.uri("DSA1"), "48m", "16m", "--rw=write", "--bs=64k")...)
+			for ch := int64(48<<20) / hbmmChunk; ch < size/hbmmChunk; ch++ {
+				writes.acked[ch] = true
+			}
+			wload := background(t, "fio", fioArgs("wload", w.uri("DSA1"), "48m", "16m", "--time_based", "--runtime=60")...)
+			defer endGroup(wload)
+			time.Sleep(time.Duration(rand.IntN(500)) * time.Millisecond)
 			before := completedKinds(t, h, "DSA1")
 			out := r.mustCLI("mount", "DSA1", "--member", away, "--policy", "minicopy")
 			if !strings.Contains(out, "minicopy") {
@@ -67,7 +79,9 @@ func TestClusterE2EMinicopyAcrossHosts(t *testing.T) {
 			if int(got) != len(writes.acked) {
 				t.Errorf("the minicopy copied %d chunks; %s and %s wrote exactly %d distinct chunks while the member was away", got, h.name, w.name, len(writes.acked))
 			}
+			endGroup(wload)
 			c.waitIdleEverywhere("DSA1", 2*time.Minute)
+			sameData(t, size, ms...) // (no write in flight: files compare)
 
 			// Round 2: the holder dies during the minicopy.
 			h.mustCLI("dismount", "DSA1", "--member", away, "--policy", "minicopy")

@@ -125,7 +125,7 @@ func (a *Agent) applyCluster(ev shadowset.Event, origin string, rd shadowset.Rea
 		case shadowset.EvIOError, shadowset.EvRemoveMember:
 			a.deferred.Do(func(bool) { a.remoteRemoved(ev.Set, ev.Member, ev.Kind == shadowset.EvRemoveMember && ev.Minicopy) })
 		case shadowset.EvAddMember:
-			a.deferred.Do(func(bool) { a.remoteAdded(ev.Set, ev.Member) })
+			a.deferred.Do(func(queued bool) { a.remoteAdded(ev.Set, ev.Member, !queued) })
 		}
 	}
 	a.syncMetaAll(ev)
@@ -166,12 +166,14 @@ func (a *Agent) remoteRemoved(set, path string, minicopy bool) {
 	if !ok {
 		return
 	}
-	vol.quiesce(func() {
-		if minicopy {
+	if minicopy {
+		vol.quiesce(func() {
 			vol.bm.tracker.Invalidate()
-		}
+			err = vol.vu.RemoveMember(path)
+		})
+	} else {
 		err = vol.vu.RemoveMember(path)
-	})
+	}
 	if err != nil {
 		a.log.Warn().Str("vu", set).Str("member", path).Err(err).Msg("cannot drop a member another host removed")
 	}
@@ -180,8 +182,9 @@ func (a *Agent) remoteRemoved(set, path string, minicopy bool) {
 }
 
 // remoteAdded opens a member another host added, so that this host's
-// writes reach it before its copy starts.
-func (a *Agent) remoteAdded(set, path string) {
+// writes reach it before its copy starts. inApply: the caller runs under
+// the log's lock.
+func (a *Agent) remoteAdded(set, path string, inApply bool) {
 	vol, err := a.volume(set)
 	if err != nil {
 		return // not mounted here
@@ -213,6 +216,21 @@ func (a *Agent) remoteAdded(set, path string) {
 	vol.mdMu.Unlock()
 	if err := vol.vu.AddMember(vu.MemberSpec{Dev: dev, Role: vu.CopyTarget}); err != nil {
 		a.log.Error().Str("vu", set).Str("member", path).Err(err).Msg("cannot add a member another host added")
+		return
+	}
+	// Writes reach it now: stop recording them in its minicopy bitmap on
+	// another host.
+	var sv shadowset.SetView
+	var ok bool
+	if inApply {
+		sv, ok = a.viewLocked(set)
+	} else {
+		sv, ok = a.setView(set)
+	}
+	if ok {
+		a.mu.Lock()
+		a.syncHBMM(vol, sv)
+		a.mu.Unlock()
 	}
 }
 
@@ -460,7 +478,7 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 	if now, ok := a.setView(args.Set); ok {
 		for _, mv := range now.Members {
 			if !slices.ContainsFunc(sv.Members, func(o shadowset.MemberView) bool { return o.Name == mv.Name }) {
-				a.remoteAdded(args.Set, mv.Name)
+				a.remoteAdded(args.Set, mv.Name, false)
 			}
 		}
 		for _, mv := range sv.Members {

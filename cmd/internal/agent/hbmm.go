@@ -242,7 +242,16 @@ func (a *Agent) syncHBMM(vol *volume, sv shadowset.SetView) {
 		old := w.remotes
 		w.mu.Unlock()
 		for _, r := range sv.Removed {
-			if r.Bitmap == "" || r.Bitmap == a.host || slices.ContainsFunc(sv.Members, func(m shadowset.MemberView) bool { return m.Name == r.Name }) {
+			if r.Bitmap == "" || r.Bitmap == a.host {
+				continue
+			}
+			// A returning member: this host records its writes at the
+			// holder until they reach the member (remoteAdded put it in
+			// this host's VU), or the minicopy would miss those between.
+			vol.mdMu.Lock()
+			_, inVU := vol.members[r.Name]
+			vol.mdMu.Unlock()
+			if inVU && slices.ContainsFunc(sv.Members, func(m shadowset.MemberView) bool { return m.Name == r.Name }) {
 				continue
 			}
 			t := bitSetTarget{Host: r.Bitmap, Key: minicopyKey(vol.name, r.Name)}
