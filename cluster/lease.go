@@ -273,12 +273,25 @@ func (l *Log) lapsed() map[string]uint64 {
 		if !ok {
 			continue
 		}
-		if now.Sub(at) > c.lapseAfter() {
+		lapse := c.lapseAfter()
+		if l.lastRenew[h] == 0 {
+			// Not renewed yet since it registered: it holds no lease, so it
+			// issues no member I/O, and a host that was down a while may
+			// take seconds to catch up with the log (raft backs off from
+			// a peer that failed) before it can renew at all. Gossip still
+			// reports it if it dies.
+			lapse = max(lapse, firstRenewGrace)
+		}
+		if now.Sub(at) > lapse {
 			out[h] = inc
 		}
 	}
 	return out
 }
+
+// firstRenewGrace bounds how long a registered host may take to apply the
+// log up to its registration and send its first renewal.
+const firstRenewGrace = 30 * time.Second
 
 // reconcileGap: a leader whose reconcile ticks (every 500 ms) were this
 // far apart was stopped or starved, and judges no lease on that round.
