@@ -432,7 +432,18 @@ func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *report.SetShow
 	s.Minicopy = []report.MinicopyShow{}
 	for _, p := range sortedKeys(bm.minicopy) {
 		mc := bm.minicopy[p]
-		s.Minicopy = append(s.Minicopy, report.MinicopyShow{Member: p, Chunks: mc.bm.Count(), Automatic: mc.automatic})
+		ms := report.MinicopyShow{Member: p, Chunks: mc.bm.Count(), Automatic: mc.automatic}
+		if mc.remoteKey != "" {
+			for w, n := range a.mstore.Writers(mc.remoteKey) {
+				if !strings.HasPrefix(w, "@") { // (the proof is no writer)
+					if ms.Writers == nil {
+						ms.Writers = map[string]uint64{}
+					}
+					ms.Writers[w] = n
+				}
+			}
+		}
+		s.Minicopy = append(s.Minicopy, ms)
 	}
 	s.Work = []report.OpWorkShow{}
 	for _, w := range bm.work {

@@ -85,6 +85,9 @@ type MinicopyShow struct {
 	Member    string `json:"member"`
 	Chunks    uint64 `json:"chunks"`
 	Automatic bool   `json:"automatic"`
+	// Writers: in a cluster, the chunks each other host that mounts the
+	// set recorded here while the member is away (Chunks is this host's).
+	Writers map[string]uint64 `json:"writers,omitempty"`
 }
 
 // MemberShow is one member.
@@ -250,7 +253,11 @@ func FormatShow(r ShowReport, full bool) string {
 			b.WriteString("  Enhanced Shadowing Features in use:\n      Write logs (controller minimerge)\n")
 		}
 		for _, mc := range s.Minicopy {
-			fmt.Fprintf(&b, "  Minicopy bitmap for %s: %d chunks\n", mc.Member, mc.Chunks)
+			fmt.Fprintf(&b, "  Minicopy bitmap for %s: %d chunks", mc.Member, mc.Chunks)
+			for _, w := range slices.Sorted(maps.Keys(mc.Writers)) {
+				fmt.Fprintf(&b, ", %d from %s", mc.Writers[w], w)
+			}
+			b.WriteString("\n")
 		}
 		if full {
 			fmt.Fprintf(&b, "  Mounted on         %s\n", strings.Join(s.Mounted, ","))
