@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/bitmap/wire"
+	"github.com/shadow-project/shadow/cmd/internal/masters"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/policy"
 	"github.com/shadow-project/shadow/shadowset"
@@ -146,6 +148,11 @@ func (w *hbmmWriter) setOnce(rs []wire.Range, deadline time.Time) error {
 			pending = slices.DeleteFunc(pending, func(h bitSetTarget) bool { return h == r.host })
 			if r.err == nil {
 				acked = append(acked, r)
+			} else if r.host.Key != w.vol.name && errors.Is(r.err, masters.ErrNotOpen) {
+				// A minicopy bitmap its host does not keep (an expulsion's
+				// in a cluster, or one done with): that host has no usable
+				// bitmap for the member, which comes back by full copy;
+				// nothing to record.
 			} else if failed == nil {
 				failed, failedHost = fmt.Errorf("master %s: %w", r.host, r.err), r.host
 			}

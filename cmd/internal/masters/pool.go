@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -206,6 +207,10 @@ func (p *Pool) call(ctx context.Context, host string, f *wire.Frame, want wire.K
 		}
 		if r.f.Err != "" {
 			p.failures.Add(1)
+			if strings.Contains(r.f.Err, ErrNotOpen.Error()) {
+				// (Frames carry text: the master's sentinel, recognised.)
+				return seq, r.f, fmt.Errorf("%w (%w): %s", ErrRefused, ErrNotOpen, r.f.Err)
+			}
 			return seq, r.f, fmt.Errorf("%w: %s", ErrRefused, r.f.Err)
 		}
 		return seq, r.f, nil

@@ -107,8 +107,8 @@ func TestPoolRefusalReachesTheWriter(t *testing.T) {
 	ctx := t.Context()
 
 	seq, err := p.BitSet(ctx, "m1", "DSA9", "w1", []wire.Range{chunkSpan(1, 1)})
-	if !errors.Is(err, ErrRefused) || !strings.Contains(err.Error(), "not open") {
-		t.Fatalf("bit-set on a set the master lacks: %v, want ErrRefused saying not open", err)
+	if !errors.Is(err, ErrRefused) || !errors.Is(err, ErrNotOpen) || !strings.Contains(err.Error(), "DSA9") {
+		t.Fatalf("bit-set on a set the master lacks: %v, want ErrRefused and ErrNotOpen naming DSA9", err)
 	}
 	if errors.Is(err, ErrStream) {
 		t.Fatalf("a refusal reported as a transport failure: %v", err)
