@@ -1208,7 +1208,10 @@ func TestClusterE2ENoFalseFailures(t *testing.T) {
 	const size = 96 << 20
 	delay := 3 * time.Second
 	total, departures := 0, 0
-	for round := range repeats(t) {
+	// Not a kill scenario: four rounds of 20 s under load keep CI within
+	// its hour; every kill scenario's quiet phases also count false
+	// failures (the leader's log would show them).
+	for round := range min(repeats(t), 4) {
 		t.Run(fmt.Sprintf("round%d", round), func(t *testing.T) {
 			began := time.Now()
 			c := newCluster(t, delay, []string{"A", "B", "C"}, "--max-rate", strconv.Itoa(64<<20))

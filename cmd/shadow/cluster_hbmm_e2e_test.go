@@ -206,12 +206,12 @@ func completedKinds(t *testing.T, nd *cnode, set string) map[uint64]string {
 // it is a full merge, and the members end identical.
 func TestClusterE2EHBMMMastersGone(t *testing.T) {
 	requireTools(t, "fio")
-	const size = 64 << 20
+	const size = 32 << 20
 	delay := 3 * time.Second
 	for round := range repeats(t) {
 		t.Run(fmt.Sprintf("round%d", round), func(t *testing.T) {
 			c := newCluster(t, delay, []string{"A", "B", "C", "D"})
-			ms := c.members(3, size)
+			ms := c.members(2, size)
 			a, b, cw, d := c.node("A"), c.node("B"), c.node("C"), c.node("D")
 			c.mountEverywhere(a, "DSA1", ms, nil)
 			c.addWitnessWith("W")
@@ -219,7 +219,7 @@ func TestClusterE2EHBMMMastersGone(t *testing.T) {
 			// C and D write to their own ranges while the masters die.
 			cfio := background(t, "fio", fioArgs("cload", cw.uri("DSA1"), "0", "16m", "--time_based", "--runtime=60")...)
 			defer endGroup(cfio)
-			dfio := background(t, "fio", fioArgs("dload", d.uri("DSA1"), "32m", "16m", "--time_based", "--runtime=60")...)
+			dfio := background(t, "fio", fioArgs("dload", d.uri("DSA1"), "16m", "16m", "--time_based", "--runtime=60")...)
 			defer endGroup(dfio)
 			time.Sleep(time.Duration(200+rand.IntN(800)) * time.Millisecond)
 			a.crash()

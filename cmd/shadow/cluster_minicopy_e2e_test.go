@@ -18,7 +18,9 @@ import (
 // the distinct chunks H and W wrote, and the members end identical. A second round removes it again the
 // same way, writes, returns it on R while H keeps writing (so H's engine
 // runs at its min rate), and SIGKILLs H mid-minicopy: the op continues as
-// a full copy on a survivor. The members end identical both times.
+// a full copy on a survivor. The members end identical both times. Last,
+// one survivor expels a member: the other's writes go on, and the member
+// comes back by full copy.
 func TestClusterE2EMinicopyAcrossHosts(t *testing.T) {
 	requireTools(t, "fio")
 	const size = 64 << 20
@@ -117,6 +119,23 @@ func TestClusterE2EMinicopyAcrossHosts(t *testing.T) {
 			})
 			if kind != "full-copy" {
 				t.Errorf("after the holder %s of the minicopy bitmap died mid-minicopy, the member's copy completed as a %s, want a full copy", h.name, kind)
+			}
+			c.waitIdleEverywhere("DSA1", 2*time.Minute)
+
+			// An expulsion on one host (the core keeps an automatic
+			// minicopy bitmap there, which a cluster does not fill): the
+			// other host's writes go on without error, and the member
+			// comes back by full copy.
+			gone := ms[rand.IntN(3)]
+			w.mustCLI("set", "DSA1", "--force-removal", gone)
+			writes = &hbmmWrites{sent: map[int64]bool{}, acked: map[int64]bool{}}
+			writes.write(dialFence(t, r, "DSA1"), 0, size, 200, 4, &never)
+			if writes.errs != 0 {
+				t.Fatalf("%d of %s's writes failed after %s expelled %s", writes.errs, r.name, w.name, gone)
+			}
+			out = r.mustCLI("mount", "DSA1", "--member", gone)
+			if !strings.Contains(out, "full copy") {
+				t.Errorf("the expelled member came back on %s without a full copy:\n%s", r.name, out)
 			}
 			c.waitIdleEverywhere("DSA1", 2*time.Minute)
 			w.mustCLI("dismount", "DSA1")
