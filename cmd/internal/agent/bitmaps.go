@@ -67,6 +67,9 @@ type opWork struct {
 	bytes atomic.Int64
 	began time.Time
 	ended time.Time // zero while running
+	// windows and windowWait: see report.OpWorkShow.
+	windows    atomic.Uint64
+	windowWait atomic.Int64
 }
 
 func (w *opWork) show() report.OpWorkShow {
@@ -75,7 +78,8 @@ func (w *opWork) show() report.OpWorkShow {
 		end = time.Now()
 	}
 	return report.OpWorkShow{ID: uint64(w.id), Kind: w.kind.String(), BitmapChunks: w.total, ChunksDone: w.done.Load(),
-		ChunkBytes: w.chunk, BytesDone: w.bytes.Load(), ElapsedMS: end.Sub(w.began).Milliseconds()}
+		ChunkBytes: w.chunk, BytesDone: w.bytes.Load(), ElapsedMS: end.Sub(w.began).Milliseconds(),
+		Windows: w.windows.Load(), WindowWaitMS: time.Duration(w.windowWait.Load()).Milliseconds()}
 }
 
 // bitmaps is the per-volume bitmap state.
@@ -468,7 +472,7 @@ func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *report.SetShow
 		hs.WriterChunks = counts
 	}
 	if vol.hbw != nil {
-		hs.BitSets, hs.BitSetFailures, hs.BitSetRetries, hs.BitSetsPerSecond = vol.hbw.stats()
+		hs.BitSets, hs.BitSetFailures, hs.BitSetRetries, hs.BitSetsPerSecond, hs.BitSetMeanWaitUS = vol.hbw.stats()
 	}
 	if p, err := a.effectivePolicy(h); err == nil {
 		hs.Policy, hs.PolicyText, hs.ResetThreshold = p.Name, p.String(), p.ResetThreshold

@@ -303,25 +303,67 @@ func (a *Agent) onWindow(set string, w *cluster.Window) {
 
 // claimer returns the walk's Claim for an op on a shared set: before a
 // chunk, the window covering it must be acknowledged by every other host
-// that mounts the set.
-func (a *Agent) claimer(ctx context.Context, vol *volume, act shadowset.Action) func(off, n int64) error {
+// that mounts the set. next, for a bitmap op, finds its next chunk with
+// work (nil for a full op): see windowEnd for the window's shape.
+func (a *Agent) claimer(ctx context.Context, vol *volume, act shadowset.Action, next func(off int64) (int64, bool)) *claim {
 	if !a.clustered() {
 		return nil
 	}
-	var hi int64 = -1
-	var lo int64
-	return func(off, n int64) error {
-		if off >= lo && off+n <= hi {
-			return nil
-		}
-		lo = off
-		hi = min(off+max(WindowSize, n), vol.size)
-		if err := a.clog.Announce(ctx, act.Set, act.Op, lo, hi); err != nil {
-			hi = -1
-			return err
-		}
+	return &claim{hi: -1, size: vol.size, next: next, announce: func(lo, hi int64) error {
+		return a.clog.Announce(ctx, act.Set, act.Op, lo, hi)
+	}}
+}
+
+// claim is one op's windows: the one it holds, and what they cost.
+type claim struct {
+	lo, hi, size int64
+	next         func(off int64) (int64, bool)
+	announce     func(lo, hi int64) error
+	// cost, if set, counts the windows announced and the time spent
+	// announcing them and waiting for every host's ack.
+	cost func(waited time.Duration)
+}
+
+// Claim is the walk's Claim.
+func (c *claim) Claim(off, n int64) error {
+	if off >= c.lo && off+n <= c.hi {
 		return nil
 	}
+	c.lo, c.hi = off, windowEnd(off, n, c.size, c.next)
+	began := time.Now()
+	err := c.announce(c.lo, c.hi)
+	if c.cost != nil {
+		c.cost(time.Since(began))
+	}
+	if err != nil {
+		c.hi = -1
+	}
+	return err
+}
+
+// windowEnd is where the window opened for the chunk [off, off+n) ends.
+// A full op's window is WindowSize of the volume. A bitmap op's holds
+// WindowSize of work: it stretches over the op's next chunks, however far
+// apart. A minimerge of 1% random dirt would otherwise pay a log entry and
+// a round of acks for every two or three chunks it moves (measured: 64
+// windows for 164 chunks, 3.6 ms per chunk against 0.43 on one host). The
+// stretch costs other hosts no more than a full merge does: a window is
+// held for the handshake plus at most WindowSize of work either way, so no
+// write waits longer than behind a full merge's window, and the sum over
+// the op of span × time held stays below the full merge's.
+func windowEnd(off, n, size int64, next func(off int64) (int64, bool)) int64 {
+	if next == nil {
+		return min(off+max(WindowSize, n), size)
+	}
+	end, work := off+n, n
+	for work < WindowSize && end < size {
+		c, ok := next(end)
+		if !ok || c >= size {
+			break
+		}
+		end, work = min(c+n, size), work+n
+	}
+	return end
 }
 
 // errRetryJoin: the set turned out to be held by another host: mount it as

@@ -62,7 +62,10 @@ type hbmmWriter struct {
 	seen map[string]bool
 
 	bitSets, failures, retries atomic.Uint64
-	started                    time.Time
+	// waited sums the time writes spent in setOnce (every target's ack),
+	// in nanoseconds, over bitSets.
+	waited  atomic.Int64
+	started time.Time
 }
 
 func newHBMMWriter(a *Agent, vol *volume) *hbmmWriter {
@@ -127,6 +130,8 @@ func (w *hbmmWriter) setOnce(rs []wire.Range, deadline time.Time) error {
 	}
 	ctx, cancel := context.WithDeadline(w.a.ctx, deadline)
 	defer cancel()
+	began := time.Now()
+	defer func() { w.waited.Add(int64(time.Since(began))) }()
 	out := make(chan result, len(ms))
 	for _, m := range ms {
 		go func() {
@@ -428,11 +433,14 @@ func (a *Agent) hostViews() []shadowset.HostView {
 	return hs
 }
 
-// hbmmStats is what show gives of the bit-set traffic.
-func (w *hbmmWriter) stats() (bitSets, failures, retries uint64, perSecond float64) {
+// stats is what show gives of the bit-set traffic.
+func (w *hbmmWriter) stats() (bitSets, failures, retries uint64, perSecond, meanWaitUS float64) {
 	bitSets, failures, retries = w.bitSets.Load(), w.failures.Load(), w.retries.Load()
 	if s := time.Since(w.started).Seconds(); s > 0 {
 		perSecond = float64(bitSets) / s
+	}
+	if bitSets > 0 {
+		meanWaitUS = float64(w.waited.Load()) / float64(bitSets) / 1e3
 	}
 	return
 }

@@ -224,7 +224,7 @@ func (a *Agent) masterFor(vol *volume) string {
 // reaches the core (the final one arrives as the completion instead).
 func (a *Agent) plan(ctx context.Context, vol *volume, act shadowset.Action, work *bitmap.Bitmap, record func(lbn uint64)) walk.Plan {
 	p := walk.Plan{
-		Size: vol.size, StartLBN: act.LBN, Lock: vol.vu.Lock, Claim: a.claimer(ctx, vol, act),
+		Size: vol.size, StartLBN: act.LBN, Lock: vol.vu.Lock,
 		MinRate: a.cfg.MinRate, MaxRate: a.cfg.MaxRate, Busy: vol.vu.BusyProbe(),
 		Progress: func(lbn uint64) {
 			record(lbn)
@@ -239,6 +239,13 @@ func (a *Agent) plan(ctx context.Context, vol *volume, act shadowset.Action, wor
 		p.Chunk, p.Next, total = work.ChunkSize(), nextChunk(work), work.Count()
 	}
 	w := vol.bm.startWork(act.Op, act.OpKind, total, p.ChunkSize())
+	if cl := a.claimer(ctx, vol, act, p.Next); cl != nil {
+		cl.cost = func(waited time.Duration) {
+			w.windows.Add(1)
+			w.windowWait.Add(int64(waited))
+		}
+		p.Claim = cl.Claim
+	}
 	p.Stepped = func(off, n int64) {
 		w.done.Add(1)
 		w.bytes.Add(n)

@@ -73,6 +73,9 @@ type HBMMShow struct {
 	BitSetFailures   uint64  `json:"bit_set_failures,omitempty"`
 	BitSetRetries    uint64  `json:"bit_set_retries,omitempty"`
 	BitSetsPerSecond float64 `json:"bit_sets_per_second,omitempty"`
+	// BitSetMeanWaitUS is how long a write that sent a bit-set waited for
+	// every master's ack, on average, in microseconds.
+	BitSetMeanWaitUS float64 `json:"bit_set_mean_wait_us,omitempty"`
 	// ModifiedBlocks: "Modified blocks since bitmap creation" (512-byte
 	// blocks, whole chunks), and the same in chunks.
 	ModifiedBlocks uint64 `json:"modified_blocks"`
@@ -247,7 +250,7 @@ func FormatShow(r ShowReport, full bool) string {
 				fmt.Fprintf(&b, "    Chunks set for writer %s on this master: %d\n", w, s.HBMM.WriterChunks[w])
 			}
 			if s.HBMM.BitSets > 0 {
-				fmt.Fprintf(&b, "    Bit-set messages sent: %d (%.1f/s), failed %d, retried %d\n", s.HBMM.BitSets, s.HBMM.BitSetsPerSecond, s.HBMM.BitSetFailures, s.HBMM.BitSetRetries)
+				fmt.Fprintf(&b, "    Bit-set messages sent: %d (%.1f/s, mean wait %.0f µs), failed %d, retried %d\n", s.HBMM.BitSets, s.HBMM.BitSetsPerSecond, s.HBMM.BitSetMeanWaitUS, s.HBMM.BitSetFailures, s.HBMM.BitSetRetries)
 			}
 		case s.WriteLog:
 			b.WriteString("  Enhanced Shadowing Features in use:\n      Write logs (controller minimerge)\n")
@@ -309,10 +312,14 @@ func ProgressBar(p, width int) string {
 }
 
 func (w OpWorkShow) describe() string {
+	s := fmt.Sprintf("%d bytes", w.BytesDone)
 	if w.BitmapChunks > 0 {
-		return fmt.Sprintf("%d of %d bitmap chunks (%d bytes)", w.ChunksDone, w.BitmapChunks, w.BytesDone)
+		s = fmt.Sprintf("%d of %d bitmap chunks (%d bytes)", w.ChunksDone, w.BitmapChunks, w.BytesDone)
 	}
-	return fmt.Sprintf("%d bytes", w.BytesDone)
+	if w.Windows > 0 {
+		s += fmt.Sprintf(", %d windows (%d ms waiting for other hosts)", w.Windows, w.WindowWaitMS)
+	}
+	return s
 }
 
 // PolicyShow lists the HBMM policies (show --policy hbmm).
@@ -348,6 +355,11 @@ type OpWorkShow struct {
 	// ElapsedMS is the engine's running time (this run of the op), in
 	// milliseconds: recovery delays are not in it.
 	ElapsedMS int64 `json:"elapsed_ms"`
+	// Windows is how many windows the op claimed on a shared set (a log
+	// entry and a round of every other host's acks each), WindowWaitMS
+	// the time it spent waiting for them; both 0 off a cluster.
+	Windows      uint64 `json:"windows,omitempty"`
+	WindowWaitMS int64  `json:"window_wait_ms,omitempty"`
 }
 
 // ClusterShow is the cluster part of show.
