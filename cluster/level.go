@@ -42,16 +42,24 @@ import (
 //	   cannot cover another host's. Minicopy across hosts: a minicopy runs
 //	   on the host holding its bitmap (shadowset.Rules), and the other
 //	   hosts record their writes there while the member is away.
+//	4: resets across hosts: a writer whose masters are on other hosts
+//	   resets its bitmaps there (RESET_THRESHOLD) with the bit-set
+//	   stream's reset frame (bitmap/wire.KindReset), which a level-3
+//	   master would take for a malformed frame.
 
 // buildCoreLevel is this build's core level; tests build an "older"
 // agent with -ldflags "-X github.com/shadow-project/shadow/cluster.buildCoreLevel=1".
-var buildCoreLevel = "3"
+var buildCoreLevel = "4"
 
 // LevelLeases is the level that switches leases on.
 const LevelLeases = 2
 
 // LevelHBMM is the level that switches HBMM across hosts on.
 const LevelHBMM = 3
+
+// LevelHBMMReset is the level from which writers reset their bitmaps on
+// masters on other hosts.
+const LevelHBMMReset = 4
 
 // checkHBMMLevel refuses HBMM events below LevelHBMM: the hosts would
 // not agree on what a master covers.

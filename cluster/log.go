@@ -284,6 +284,16 @@ func (l *Log) Leave(ctx context.Context) error {
 	return l.propose(ctx, entry{Type: entryLeave})
 }
 
+// HostIncarnation is the incarnation the log has for host's current run:
+// 0 if it stopped cleanly or was recorded failed, false if it never
+// registered.
+func (l *Log) HostIncarnation(host string) (uint64, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	inc, ok := l.incs[host]
+	return inc, ok
+}
+
 // LeftCleanly reports whether a host's last run stopped cleanly and no
 // run has registered since.
 func (l *Log) LeftCleanly(host string) bool {

@@ -748,7 +748,10 @@ func (c *Core) setHBMM(ev Event) error {
 		return badf("%s has op%d minimerge %s; change its HBMM policy when it completes", st.Name, op.ID, op.State)
 	}
 	before := c.masters(st)
-	st.HBMM, st.Lists = hosts, lists
+	st.HBMM, st.Lists, st.Reset = hosts, lists, 0
+	if ev.Spec != nil && len(hosts) > 0 {
+		st.Reset = ev.Spec.HBMMReset
+	}
 	switch {
 	case len(hosts) == 0:
 		c.notef("%s: HBMM disabled", st.Name)

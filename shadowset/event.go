@@ -135,6 +135,10 @@ type SetSpec struct {
 	// HBMMLists, when given, is the policy's master lists (HBMM is then
 	// their hosts, and HBMMCount is unused).
 	HBMMLists []MasterList `json:"hbmm_lists,omitempty"`
+	// HBMMReset is the policy's RESET_THRESHOLD in 512-byte blocks (0:
+	// never reset), in the log so that every writer resets its bitmaps on
+	// the masters at the same threshold.
+	HBMMReset uint64 `json:"hbmm_reset,omitempty"`
 	// Controller: the set uses write logs (controller minimerge).
 	Controller bool `json:"controller,omitempty"`
 	// Dirty: a merge is required.

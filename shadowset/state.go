@@ -76,6 +76,8 @@ type setState struct {
 	// policy's master lists in order.
 	HBMM  []string     `json:"hbmm,omitempty"`
 	Lists []MasterList `json:"hbmm_lists,omitempty"`
+	// Reset is the policy's RESET_THRESHOLD (SetSpec.HBMMReset).
+	Reset uint64 `json:"hbmm_reset,omitempty"`
 	// Gaps are the (master, writer) pairs where the master has become one
 	// after the writer mounted, and the writer has not yet reported the
 	// handshake (EvCovered) that makes the master's bitmap for it whole.

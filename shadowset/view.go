@@ -78,8 +78,11 @@ type SetView struct {
 	Mounted []string
 	// HBMM are the master candidates, sorted; Masters those holding
 	// master bitmaps now; Gaps the masters that do not yet cover a writer.
-	HBMM       []string
-	Lists      []MasterList
+	HBMM  []string
+	Lists []MasterList
+	// HBMMReset is the policy's RESET_THRESHOLD in 512-byte blocks (0:
+	// never).
+	HBMMReset  uint64
 	Masters    []string
 	Gaps       []CoverGap
 	Controller bool
@@ -141,7 +144,7 @@ func (c *Core) Priority(host, set string) int { return c.s.priority(host, set) }
 func (c *Core) Delay() time.Duration { return c.s.Delay }
 
 func (c *Core) setView(st *setState) SetView {
-	v := SetView{Name: st.Name, Mounted: st.sortedMounted(), HBMM: slices.Sorted(slices.Values(st.HBMM)), Lists: cloneLists(st.Lists),
+	v := SetView{Name: st.Name, Mounted: st.sortedMounted(), HBMM: slices.Sorted(slices.Values(st.HBMM)), Lists: cloneLists(st.Lists), HBMMReset: st.Reset,
 		Masters: c.masters(st), Gaps: sortedGaps(st.Gaps), Controller: st.Controller}
 	for _, m := range st.Members {
 		v.Members = append(v.Members, MemberView{Name: m.Name, Role: m.Role})

@@ -64,8 +64,8 @@ const (
 	// KindBitSet (writer → master) asks to set Ranges in Writer's bitmap
 	// of Set.
 	KindBitSet Kind = 2
-	// KindAck (master → writer) answers the BitSet or Rollback numbered
-	// Seq: applied if Err is empty, refused with Err's text otherwise.
+	// KindAck (master → writer) answers the BitSet, Rollback or Reset
+	// numbered Seq: applied if Err is empty, refused with Err's text otherwise.
 	KindAck Kind = 3
 	// KindRollback (writer → master) asks to clear the chunks the BitSet
 	// numbered Seq newly set in Writer's bitmap of Set.
@@ -75,6 +75,15 @@ const (
 	// KindBitmap (master → asker) answers the Fetch numbered Seq: Bitmap
 	// holds bitmap.MarshalBinary's encoding, or Err says why not.
 	KindBitmap Kind = 6
+	// KindReset (writer → master) asks to clear Writer's bitmap of Set
+	// (RESET_THRESHOLD). The writer has drained its writes, flushed every
+	// member and emptied its cache of known-set chunks before numbering
+	// it, so every bit-set numbered below Seq is covered by that flush and
+	// every later write sends a bit-set numbered above it. A master that
+	// has applied a bit-set of Writer numbered above Seq refuses it. Sent
+	// only at core level 4 (cluster.LevelHBMMReset): an older master
+	// would close the stream on an unknown kind.
+	KindReset Kind = 7
 )
 
 func (k Kind) String() string {
@@ -91,6 +100,8 @@ func (k Kind) String() string {
 		return "fetch"
 	case KindBitmap:
 		return "bitmap"
+	case KindReset:
+		return "reset"
 	}
 	return fmt.Sprintf("kind(%d)", uint8(k))
 }
@@ -139,6 +150,7 @@ var layouts = map[Kind][]field{
 	KindRollback: {fSeq, fSet, fWriter},
 	KindFetch:    {fSeq, fSet, fWriter},
 	KindBitmap:   {fSeq, fErr, fBitmap},
+	KindReset:    {fSeq, fSet, fWriter},
 }
 
 // validate checks what does not depend on the bytes: every field outside the

@@ -30,6 +30,7 @@ func sampleFrames() map[string]*Frame {
 		"fetch":             {Kind: KindFetch, Seq: 128, Set: "DSA2", Writer: "beta"},
 		"bitmap":            {Kind: KindBitmap, Seq: 5, Bitmap: []byte("SHBM\x01\x00\x10\x00")},
 		"bitmap refused":    {Kind: KindBitmap, Seq: 5, Err: "no bitmap"},
+		"reset":             {Kind: KindReset, Seq: 77, Set: "DSA1", Writer: "alpha"},
 	}
 }
 
@@ -154,6 +155,8 @@ func TestDecodeRefuses(t *testing.T) {
 		{"empty set", body(Version, KindBitSet, 1, "", "w", 1, 0, 0), ErrMalformed},
 		{"empty writer", body(Version, KindRollback, 1, "DSA1", ""), ErrMalformed},
 		{"empty fetch writer", body(Version, KindFetch, 1, "DSA1", ""), ErrMalformed},
+		{"empty reset set", body(Version, KindReset, 1, "", "w"), ErrMalformed},
+		{"reset with ranges", body(Version, KindReset, 1, "DSA1", "w", 1, 0, 0), ErrMalformed},
 		{"no ranges", body(Version, KindBitSet, 1, "DSA1", "w", 0), ErrMalformed},
 		{"first after last", body(Version, KindBitSet, 1, "DSA1", "w", 1, 5, 4), ErrMalformed},
 		{"chunk beyond MaxChunk", body(Version, KindBitSet, 1, "DSA1", "w", 1, 0, uint64(MaxChunk+1)), ErrMalformed},
@@ -189,6 +192,7 @@ func TestBodyHelperIsValid(t *testing.T) {
 		body(Version, KindBitSet, 1, "DSA1", "w", 1, 4, 5),
 		body(Version, KindBitSet, 1, "DSA1", "w", 1, 0, uint64(MaxChunk)),
 		body(Version, KindRollback, 1, "DSA1", "w"),
+		body(Version, KindReset, 1, "DSA1", "w"),
 		body(Version, KindBitmap, 1, "", []byte{1, 9}),
 		body(Version, KindBitmap, 1, "oops", 0),
 	} {

@@ -133,6 +133,9 @@ func formatEvent(core *shadowset.Core, ev shadowset.Event) (string, error) {
 					line += fmt.Sprintf("/%d", l.Count)
 				}
 			}
+			if spec.HBMMReset > 0 {
+				line += fmt.Sprintf(" reset=%d", spec.HBMMReset)
+			}
 			return line, nil
 		}
 		hosts := "none"
@@ -142,6 +145,9 @@ func formatEvent(core *shadowset.Core, ev shadowset.Event) (string, error) {
 		line := "hbmm " + ev.Set + " " + hosts
 		if spec.HBMMCount > 0 {
 			line += fmt.Sprintf(" count=%d", spec.HBMMCount)
+		}
+		if spec.HBMMReset > 0 {
+			line += fmt.Sprintf(" reset=%d", spec.HBMMReset)
 		}
 		return line, nil
 	case shadowset.EvCovered:

@@ -101,16 +101,23 @@ func TestFormatStaleReports(t *testing.T) {
 // (HBMMLists), not the one-list form; Format must keep every list and
 // count, so that a replay of `show --events` chooses the same masters.
 func TestFormatMasterLists(t *testing.T) {
-	for _, lists := range [][]shadowset.MasterList{
+	for i, lists := range [][]shadowset.MasterList{
 		{{Hosts: []string{"A", "B"}}},
 		{{Hosts: []string{"A", "B", "C"}, Count: 2}},
 		{{Hosts: []string{"A", "B"}, Count: 1}, {Hosts: []string{"C", "*"}, Count: 1}},
+		{{Hosts: []string{"A", "B"}, Count: 1}, {Hosts: []string{"C", "*"}, Count: 1}},
+		{{Hosts: []string{"A", "B"}}},
 	} {
+		// The last two carry a reset threshold too.
+		reset := uint64(0)
+		if i >= 3 {
+			reset = 4096 * uint64(i)
+		}
 		dirs, err := replay.Parse("setup", strings.NewReader("nodes A B C D\nset DSA1 members=M1,M2 mounted=A,B,C,D\n"))
 		if err != nil {
 			t.Fatal(err)
 		}
-		dirs = append(dirs, replay.Directive{Events: []shadowset.Event{{Kind: shadowset.EvHBMM, Set: "DSA1", Spec: &shadowset.SetSpec{Name: "DSA1", HBMMLists: lists}}}})
+		dirs = append(dirs, replay.Directive{Events: []shadowset.Event{{Kind: shadowset.EvHBMM, Set: "DSA1", Spec: &shadowset.SetSpec{Name: "DSA1", HBMMLists: lists, HBMMReset: reset}}}})
 		evs, want := accepted(t, dirs)
 		if evs[len(evs)-1].Kind != shadowset.EvHBMM {
 			t.Fatalf("lists %+v refused", lists)
@@ -129,6 +136,9 @@ func TestFormatMasterLists(t *testing.T) {
 		}
 		gv, _ := r.Core.Set("DSA1")
 		wv, _ := want.Set("DSA1")
+		if gv.HBMMReset != reset || wv.HBMMReset != reset {
+			t.Errorf("lists %+v: reset threshold %d after the replay of\n%s\nand %d in the core, want %d", lists, gv.HBMMReset, script, wv.HBMMReset, reset)
+		}
 		if !reflect.DeepEqual(gv.Masters, wv.Masters) || !reflect.DeepEqual(gv.Lists, wv.Lists) || len(wv.Masters) == 0 {
 			t.Errorf("lists %+v: replay of\n%s\nchose masters %v (lists %+v), the core %v (lists %+v)", lists, script, gv.Masters, gv.Lists, wv.Masters, wv.Lists)
 		}

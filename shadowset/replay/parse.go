@@ -355,6 +355,13 @@ func ParseLine(line string) (d Directive, ok bool, err error) {
 			}
 			spec.HBMMCount = n
 		}
+		if v, ok := a.opt("reset"); ok {
+			n, err := strconv.ParseUint(v, 10, 64)
+			if err != nil || n < 1 {
+				return d, false, fmt.Errorf("%w: hbmm reset=%q: want a positive number of 512-byte blocks", ErrSyntax, v)
+			}
+			spec.HBMMReset = n
+		}
 		ev(shadowset.Event{Kind: shadowset.EvHBMM, Set: a.pos[0], Spec: spec})
 		want = len(a.pos)
 	case "covered":

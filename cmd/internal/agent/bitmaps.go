@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/shadow-project/shadow/bitmap"
+	"github.com/shadow-project/shadow/cluster"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/policy"
 	"github.com/shadow-project/shadow/cmd/internal/report"
@@ -252,6 +253,7 @@ func (a *Agent) effectivePolicy(h hbmmSetting) (policy.HBMMPolicy, error) {
 // (syncHBMM): a master keeps bitmaps, a writer sends its chunks there.
 func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
 	var lists []shadowset.MasterList
+	var reset uint64
 	if h.enabled {
 		if vol.writeLog {
 			return fmt.Errorf("%w: %s uses write logs; a set uses HBMM or write logs, not both", policy.ErrPolicy, vol.name)
@@ -263,13 +265,14 @@ func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
 		if lists, err = a.masterLists(p); err != nil {
 			return err
 		}
+		reset = p.ResetThreshold
 	}
 	bm := vol.bm
 	bm.mu.Lock()
 	old := bm.hbmm
 	bm.mu.Unlock()
 	sv, _ := a.setView(vol.name)
-	if h.enabled == old.enabled && slices.EqualFunc(lists, sv.Lists, func(x, y shadowset.MasterList) bool {
+	if h.enabled == old.enabled && reset == sv.HBMMReset && slices.EqualFunc(lists, sv.Lists, func(x, y shadowset.MasterList) bool {
 		return x.Count == y.Count && slices.Equal(x.Hosts, y.Hosts)
 	}) {
 		bm.mu.Lock()
@@ -277,7 +280,7 @@ func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
 		bm.mu.Unlock()
 		return nil
 	}
-	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvHBMM, Set: vol.name, Spec: &shadowset.SetSpec{Name: vol.name, HBMMLists: lists}}); err != nil {
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvHBMM, Set: vol.name, Spec: &shadowset.SetSpec{Name: vol.name, HBMMLists: lists, HBMMReset: reset}}); err != nil {
 		return err
 	}
 	bm.mu.Lock()
@@ -367,29 +370,47 @@ func (a *Agent) policyVerb(args SetArgs) error {
 // are separate sinks and are never reset.
 func (a *Agent) maybeReset(vol *volume) {
 	bm := vol.bm
-	bm.mu.Lock()
-	h := bm.hbmm
-	bm.mu.Unlock()
-	if !h.enabled {
-		return
-	}
-	p, err := a.effectivePolicy(h)
-	if err != nil || p.ResetThreshold == 0 {
-		return
-	}
-	if bm.tracker.Modified(bitmap.HBMMSink)*bm.blocksPerChunk() <= p.ResetThreshold {
-		return
-	}
-	if vol.hbw != nil {
-		vol.hbw.mu.Lock()
-		remote := len(vol.hbw.remotes) > 0
-		vol.hbw.mu.Unlock()
-		if remote {
-			// Resetting other masters' bitmaps for this writer needs the
-			// cross-host protocol (invalidated and flushed, by sequence
-			// number), not built yet: a cluster's bitmaps are not reset.
+	var threshold uint64
+	if a.clustered() {
+		// The log's threshold, the same for every writer, whichever host
+		// the policy was set on.
+		sv, ok := a.setView(vol.name)
+		if !ok || len(sv.Masters) == 0 {
 			return
 		}
+		threshold = sv.HBMMReset
+	} else {
+		bm.mu.Lock()
+		h := bm.hbmm
+		bm.mu.Unlock()
+		if !h.enabled {
+			return
+		}
+		p, err := a.effectivePolicy(h)
+		if err != nil {
+			return
+		}
+		threshold = p.ResetThreshold
+	}
+	if threshold == 0 {
+		return
+	}
+	var masters []string
+	if vol.hbw != nil {
+		masters = vol.hbw.masterHosts()
+	}
+	// What this host's writes have set: its own master bitmap if it is a
+	// master, and, with masters elsewhere, the chunks it knows set there
+	// (its cache, emptied by every reset).
+	modified := bm.tracker.Modified(bitmap.HBMMSink)
+	if len(masters) > 0 {
+		modified = max(modified, bm.tracker.CachedChunks())
+	}
+	if modified*bm.blocksPerChunk() <= threshold {
+		return
+	}
+	if len(masters) > 0 && a.clog.Level() < cluster.LevelHBMMReset {
+		return // a master of an older build would not understand the reset
 	}
 	if sv, ok := a.setView(vol.name); ok {
 		for _, op := range sv.Ops {
@@ -397,6 +418,10 @@ func (a *Agent) maybeReset(vol *volume) {
 				return
 			}
 		}
+	}
+	if len(masters) > 0 {
+		a.resetAcrossHosts(vol, masters, modified, threshold)
+		return
 	}
 	var before uint64
 	var err2 error
@@ -413,7 +438,7 @@ func (a *Agent) maybeReset(vol *volume) {
 	bm.mu.Lock()
 	bm.hbmm.resets++
 	bm.mu.Unlock()
-	a.log.Info().Str("vu", vol.name).Uint64("modified_blocks", before*bm.blocksPerChunk()).Uint64("reset_threshold", p.ResetThreshold).Msg("hbmm bitmap reset")
+	a.log.Info().Str("vu", vol.name).Uint64("modified_blocks", before*bm.blocksPerChunk()).Uint64("reset_threshold", threshold).Msg("hbmm bitmap reset")
 }
 
 // loggedChunks is what the members' write logs recorded at mount, for a
@@ -478,6 +503,10 @@ func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *report.SetShow
 		hs.Policy, hs.PolicyText, hs.ResetThreshold = p.Name, p.String(), p.ResetThreshold
 	} else if h.named != "" {
 		hs.Policy = h.named
+	}
+	if a.clustered() && len(sv.Masters) > 0 {
+		// The threshold every writer resets at is the log's.
+		hs.ResetThreshold = sv.HBMMReset
 	}
 	hs.ModifiedChunks = bm.tracker.Modified(bitmap.HBMMSink)
 	hs.ModifiedBlocks = hs.ModifiedChunks * bm.blocksPerChunk()

@@ -78,6 +78,7 @@ func (a *Agent) startCluster() error {
 		return err
 	}
 	a.node = node
+	a.mstore.SetResetCheck(a.allowRemoteReset)
 	a.mpool = masters.NewPool(a.host, inc, func(ctx context.Context, host string) (net.Conn, error) {
 		return node.DialBitmaps(host, 2*time.Second)
 	}, a.log)

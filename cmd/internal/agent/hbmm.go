@@ -433,6 +433,102 @@ func (a *Agent) hostViews() []shadowset.HostView {
 	return hs
 }
 
+// masterHosts are the set's masters on other hosts (not the hosts keeping
+// minicopy bitmaps, which are never reset).
+func (w *hbmmWriter) masterHosts() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []string
+	for _, t := range w.remotes {
+		if t.Key == w.vol.name {
+			out = append(out, t.Host)
+		}
+	}
+	return out
+}
+
+// resetTimeout bounds a reset's wait for the masters' answers, during
+// which this host's writes to the set wait too.
+const resetTimeout = 2 * time.Second
+
+// resetAcrossHosts resets this host's bitmaps on the set's masters
+// (RESET_THRESHOLD), with every write to the set held back (quiesce):
+//
+//  1. No write of this host is in flight (the quiesce drained them).
+//  2. Every member is flushed: the chunks of every write so far are the
+//     same on every member, durably.
+//  3. The cache of known-set chunks is emptied (and this host's own
+//     master bitmap cleared, if it is a master), so every later write
+//     sends a bit-set first.
+//  4. The resets are numbered now, so each is above every bit-set the
+//     flush covered and below every later one; a master refuses one that
+//     a later bit-set overtook (masters.ErrStaleReset), and refuses any
+//     while a merge is owed on the set or from a writer that is not the
+//     live incarnation mounting it (allowRemoteReset).
+//
+// A master that fails or refuses keeps its bits: too many, never too few.
+// The writes wait for the flush and one round trip to the masters, at
+// most resetTimeout.
+func (a *Agent) resetAcrossHosts(vol *volume, masters []string, modified, threshold uint64) {
+	bm := vol.bm
+	var flushErr error
+	errs := make([]error, len(masters))
+	vol.quiesce(func() {
+		if flushErr = vol.vu.Flush(); flushErr != nil {
+			return
+		}
+		if err := bm.tracker.Reset(bitmap.HBMMSink); err != nil {
+			bm.tracker.Invalidate()
+		}
+		testRecordReset(a.host, vol)
+		ctx, cancel := context.WithTimeout(a.ctx, resetTimeout)
+		defer cancel()
+		var wg sync.WaitGroup
+		for i, h := range masters {
+			wg.Go(func() { errs[i] = a.mpool.Reset(ctx, h, vol.name, a.host) })
+		}
+		wg.Wait()
+	})
+	if flushErr != nil {
+		a.log.Warn().Str("vu", vol.name).Err(flushErr).Msg("hbmm reset: flush failed; bitmaps kept")
+		return
+	}
+	var done, refused []string
+	for i, err := range errs {
+		if err != nil {
+			refused = append(refused, masters[i])
+			a.log.Info().Str("vu", vol.name).Str("master", masters[i]).Err(err).Msg("hbmm reset not applied on a master; its bits stay")
+			continue
+		}
+		done = append(done, masters[i])
+	}
+	bm.mu.Lock()
+	bm.hbmm.resets++
+	bm.mu.Unlock()
+	a.log.Info().Str("vu", vol.name).Uint64("modified_blocks", modified*bm.blocksPerChunk()).Uint64("reset_threshold", threshold).
+		Strs("masters", done).Strs("kept", refused).Msg("hbmm bitmaps reset across hosts")
+}
+
+// allowRemoteReset is the master store's check before another host
+// resets its bitmap here: the writer must be the live incarnation that
+// mounts the set, and no merge may be owed on the set (a failed writer's
+// bitmap and one feeding a pending merge are never reset: invariant 5).
+func (a *Agent) allowRemoteReset(set, writer string, inc uint64) error {
+	if cur, ok := a.clog.HostIncarnation(writer); !ok || cur == 0 || cur != inc {
+		return fmt.Errorf("agent: %s's incarnation %x is not its current one here (%x)", writer, inc, cur)
+	}
+	sv, ok := a.setView(set)
+	if !ok || !slices.Contains(sv.Mounted, writer) {
+		return fmt.Errorf("agent: %s does not mount %s here", writer, set)
+	}
+	for _, op := range sv.Ops {
+		if op.Kind.IsMerge() {
+			return fmt.Errorf("agent: a merge is owed on %s (op %d): its bitmaps are kept", set, op.ID)
+		}
+	}
+	return nil
+}
+
 // stats is what show gives of the bit-set traffic.
 func (w *hbmmWriter) stats() (bitSets, failures, retries uint64, perSecond, meanWaitUS float64) {
 	bitSets, failures, retries = w.bitSets.Load(), w.failures.Load(), w.retries.Load()

@@ -237,6 +237,7 @@ func (a *Agent) plan(ctx context.Context, vol *volume, act shadowset.Action, wor
 	if work != nil {
 		// A bitmap op moves exactly its bitmap's chunks.
 		p.Chunk, p.Next, total = work.ChunkSize(), nextChunk(work), work.Count()
+		testRecordWork(a.host, act, work)
 	}
 	w := vol.bm.startWork(act.Op, act.OpKind, total, p.ChunkSize())
 	if cl := a.claimer(ctx, vol, act, p.Next); cl != nil {

@@ -124,6 +124,21 @@ func (p *Pool) Rollback(ctx context.Context, host, set, writer string, seq uint6
 	return nil
 }
 
+// Reset asks host to clear writer's bitmap of set (wire.KindReset), and
+// waits for its answer. The caller must have drained its writes, flushed
+// every member and emptied its cache of known-set chunks before calling:
+// the reset's number, taken here, must be above every bit-set whose chunks
+// the flush covered and below every later one. An error leaves the
+// bitmap as it was or cleared; both are safe, and a reset is never sent
+// again (a late copy is refused by the master: ErrStaleReset).
+func (p *Pool) Reset(ctx context.Context, host, set, writer string) error {
+	seq, _, err := p.call(ctx, host, &wire.Frame{Kind: wire.KindReset, Set: set, Writer: writer}, wire.KindAck)
+	if err != nil {
+		return fmt.Errorf("masters: reset %d of %s in %s on %s: %w", seq, writer, set, host, err)
+	}
+	return nil
+}
+
 // Fetch returns a copy of host's bitmap of writer in set.
 func (p *Pool) Fetch(ctx context.Context, host, set, writer string) (*bitmap.Bitmap, error) {
 	_, reply, err := p.call(ctx, host, &wire.Frame{Kind: wire.KindFetch, Set: set, Writer: writer}, wire.KindBitmap)

@@ -59,7 +59,7 @@ func Serve(ctx context.Context, c net.Conn, self string, inc uint64, st *Store, 
 	default:
 		peer, peerInc = hello.Host, hello.Inc
 		log.Debug().Str("peer", peer).Uint64("peer_inc", peerInc).Msg("writer stream open")
-		sc.serve(br, st, replies, peer, self)
+		sc.serve(br, st, replies, peer, peerInc, self)
 	}
 
 	// Unless writing failed, replies to the frames already applied still go
@@ -129,7 +129,7 @@ func (sc *serveConn) fail(err error) {
 // host its Hello named and the cluster's transport authenticated), and
 // never in this master's own-writes bitmap, which its tracker fills
 // directly: anything else is refused.
-func (sc *serveConn) serve(br *bufio.Reader, st *Store, replies chan<- *wire.Frame, peer, self string) {
+func (sc *serveConn) serve(br *bufio.Reader, st *Store, replies chan<- *wire.Frame, peer string, peerInc uint64, self string) {
 	for {
 		f, err := wire.ReadFrame(br)
 		if err != nil {
@@ -138,13 +138,17 @@ func (sc *serveConn) serve(br *bufio.Reader, st *Store, replies chan<- *wire.Fra
 		}
 		var reply *wire.Frame
 		switch f.Kind {
-		case wire.KindBitSet, wire.KindRollback:
+		case wire.KindBitSet, wire.KindRollback, wire.KindReset:
 			if f.Writer != peer || f.Writer == self {
 				reply = &wire.Frame{Kind: wire.KindAck, Seq: f.Seq, Err: errText(fmt.Errorf("%w: %s may not change %s's bitmap", ErrRefused, peer, f.Writer))}
 				break
 			}
 			if f.Kind == wire.KindRollback {
 				reply = &wire.Frame{Kind: wire.KindAck, Seq: f.Seq, Err: errText(st.Rollback(f.Set, f.Writer, f.Seq))}
+				break
+			}
+			if f.Kind == wire.KindReset {
+				reply = &wire.Frame{Kind: wire.KindAck, Seq: f.Seq, Err: errText(st.Reset(f.Set, f.Writer, peerInc, f.Seq))}
 				break
 			}
 			reply = &wire.Frame{Kind: wire.KindAck, Seq: f.Seq, Err: errText(st.Apply(f.Set, f.Writer, f.Seq, f.Ranges))}

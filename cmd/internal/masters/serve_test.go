@@ -9,6 +9,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -179,6 +180,24 @@ func TestServeAnswers(t *testing.T) {
 	}
 	if got := st.Writers("DSA1"); got["w1"] != 1 || len(got) != 1 {
 		t.Fatalf("store holds %v, want 1 chunk of w1 only", got)
+	}
+	// A reset: only of the writer's own bitmap, checked against the
+	// writer's incarnation from its Hello (3), numbered after its last
+	// bit-set.
+	var incs []uint64
+	st.SetResetCheck(func(set, writer string, inc uint64) error { incs = append(incs, inc); return nil })
+	for _, other := range []string{"w2", "m1"} {
+		r = p.roundTrip(t, &wire.Frame{Kind: wire.KindReset, Seq: 7, Set: "DSA1", Writer: other})
+		if r.Kind != wire.KindAck || !strings.Contains(r.Err, "may not change") {
+			t.Fatalf("reset for %s from w1: %+v", other, r)
+		}
+	}
+	r = p.roundTrip(t, &wire.Frame{Kind: wire.KindReset, Seq: 7, Set: "DSA1", Writer: "w1"})
+	if r.Kind != wire.KindAck || r.Err != "" {
+		t.Fatalf("reset reply: %+v", r)
+	}
+	if got := st.Writers("DSA1"); got["w1"] != 0 || !slices.Equal(incs, []uint64{3}) {
+		t.Fatalf("after the reset the store holds %v (checked incarnations %v), want w1 empty, checked with 3", got, incs)
 	}
 }
 

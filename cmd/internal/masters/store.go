@@ -42,6 +42,9 @@ var (
 	ErrBadRange = errors.New("masters: bad chunk range")
 	// ErrTooLarge reports a bit-set naming more than MaxApplyChunks chunks.
 	ErrTooLarge = errors.New("masters: bit-set too large")
+	// ErrStaleReset reports a reset overtaken by a later bit-set of the
+	// same writer: clearing now could drop that bit-set's chunks.
+	ErrStaleReset = errors.New("masters: reset overtaken by a later bit-set")
 )
 
 // Store holds the master bitmaps of this host: one per (set, writer host),
@@ -57,6 +60,9 @@ type Store struct {
 	// whole Apply makes a rollback see each bit-set entirely or not at all.
 	mu   sync.Mutex
 	sets map[string]*openSet
+	// resetCheck, if set, says whether a writer's bitmap may be reset now
+	// (see SetResetCheck).
+	resetCheck func(set, writer string, inc uint64) error
 }
 
 type openSet struct {
@@ -75,6 +81,9 @@ type writerBitmaps struct {
 	// chunk belongs to at most one record, so no two rollbacks can both
 	// claim it.
 	pending *bitmap.Bitmap
+	// maxSeq is the highest bit-set seq applied: a reset numbered below it
+	// was overtaken (ErrStaleReset).
+	maxSeq uint64
 }
 
 type undoRecord struct {
@@ -213,6 +222,7 @@ func (s *Store) Apply(set, writer string, seq uint64, rs []wire.Range) error {
 		w.remove(i)
 	}
 	w.undo = append(w.undo, undoRecord{seq: seq, newly: newly})
+	w.maxSeq = max(w.maxSeq, seq)
 	if newly != nil {
 		_ = w.pending.Or(newly)
 	}
@@ -285,6 +295,55 @@ func (s *Store) Rollback(set, writer string, seq uint64) error {
 		}
 	}
 	w.remove(i)
+	return nil
+}
+
+// SetResetCheck installs the check Reset makes first: the agent refuses a
+// reset from a writer that is not a live incarnation mounting the set, or
+// while a merge is owed on the set (a bitmap feeding a pending merge, or
+// a failed writer's, is never reset: invariant 5). It is called without
+// the store's lock.
+func (s *Store) SetResetCheck(check func(set, writer string, inc uint64) error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.resetCheck = check
+}
+
+// Reset clears writer's bitmap of set at the writer's request (RESET_THRESHOLD,
+// wire.KindReset), numbered seq by the writer, which runs incarnation inc.
+// The writer drained its writes, flushed every member and emptied its
+// cache of known-set chunks before numbering the reset, so every chunk a
+// bit-set numbered below seq set is the same on every member, and every
+// later write sends a bit-set numbered above seq. Those are the only ones
+// that must survive: if one was applied already, the reset arrived late
+// (on an older stream, say) and is refused with ErrStaleReset, which
+// leaves bits set, never too few. A writer with no bitmap here has
+// nothing to clear.
+func (s *Store) Reset(set, writer string, inc, seq uint64) error {
+	s.mu.Lock()
+	check := s.resetCheck
+	s.mu.Unlock()
+	if check != nil {
+		if err := check(set, writer, inc); err != nil {
+			return fmt.Errorf("masters: reset %d of %s in %s: %w", seq, writer, set, err)
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o, ok := s.sets[set]
+	if !ok {
+		return fmt.Errorf("masters: reset %d of %s: %w: %s", seq, writer, ErrNotOpen, set)
+	}
+	w, ok := o.writers[writer]
+	if !ok {
+		return nil
+	}
+	if w.maxSeq > seq {
+		return fmt.Errorf("masters: reset %d of %s in %s: %w (bit-set %d applied)", seq, writer, set, ErrStaleReset, w.maxSeq)
+	}
+	w.live.Clear()
+	w.pending.Clear()
+	w.undo = nil
 	return nil
 }
 

@@ -287,3 +287,53 @@ func TestStoreConcurrentUse(t *testing.T) {
 		}
 	}
 }
+
+// A reset clears the writer's bitmap only if no bit-set numbered above it
+// was applied first: a late reset must never drop a later write's chunks.
+func TestStoreReset(t *testing.T) {
+	st := openStore(t, "DSA1")
+	mustApply(t, st, "DSA1", "w", 1, chunkSpan(1, 3))
+	mustApply(t, st, "DSA1", "w", 2, chunkSpan(10, 10))
+	mustApply(t, st, "DSA1", "x", 9, chunkSpan(5, 5))
+	if err := st.Reset("DSA1", "w", 1, 3); err != nil {
+		t.Fatalf("reset 3: %v", err)
+	}
+	wantChunks(t, st, "DSA1", "w", nil)
+	wantChunks(t, st, "DSA1", "x", []uint64{5}) // another writer's stay
+	// The undo records went too: rolling back an earlier bit-set after
+	// the reset, or a later one, clears only what that one set.
+	mustApply(t, st, "DSA1", "w", 4, chunkSpan(20, 21))
+	mustRollback(t, st, "DSA1", "w", 2)
+	wantChunks(t, st, "DSA1", "w", []uint64{20, 21})
+
+	// Overtaken: bit-set 6 was applied before reset 5 arrived.
+	mustApply(t, st, "DSA1", "w", 6, chunkSpan(30, 30))
+	err := st.Reset("DSA1", "w", 1, 5)
+	if !errors.Is(err, ErrStaleReset) {
+		t.Fatalf("reset 5 after bit-set 6: %v, want ErrStaleReset", err)
+	}
+	wantChunks(t, st, "DSA1", "w", []uint64{20, 21, 30})
+
+	// The agent's check comes first and refuses without clearing.
+	refuse := errors.New("a merge is owed")
+	var asked []string
+	st.SetResetCheck(func(set, writer string, inc uint64) error {
+		asked = append(asked, fmt.Sprintf("%s/%s/%d", set, writer, inc))
+		return refuse
+	})
+	if err := st.Reset("DSA1", "w", 7, 8); !errors.Is(err, refuse) {
+		t.Fatalf("reset refused by the check: %v", err)
+	}
+	wantChunks(t, st, "DSA1", "w", []uint64{20, 21, 30})
+	if !slices.Equal(asked, []string{"DSA1/w/7"}) {
+		t.Fatalf("check asked %v", asked)
+	}
+	st.SetResetCheck(nil)
+
+	if err := st.Reset("DSA1", "nobody", 1, 1); err != nil {
+		t.Fatalf("reset of a writer with no bitmap: %v", err)
+	}
+	if err := st.Reset("DSA9", "w", 1, 99); !errors.Is(err, ErrNotOpen) {
+		t.Fatalf("reset on an unopened set: %v", err)
+	}
+}

@@ -157,10 +157,12 @@ type VU struct {
 	name  string
 	size  int64
 	locks RangeLock
-	expel func(string, error) error
-	gate  Gate
-	ack   func() error
-	log   zerolog.Logger
+	// writes: see Writes.
+	writes atomic.Uint64
+	expel  func(string, error) error
+	gate   Gate
+	ack    func() error
+	log    zerolog.Logger
 	// shared: see Config.Shared.
 	shared bool
 	// appIO counts application requests in flight and appDone those
@@ -397,6 +399,7 @@ func (v *VU) WriteAt(p []byte, off int64, fua bool) error {
 		return err
 	}
 	defer v.endWrite(off, int64(len(p)))
+	v.writes.Add(1)
 	unlock := v.locks.Lock(off, int64(len(p)))
 	defer unlock()
 	return v.everyMember("write", func(d Device) error {
@@ -635,8 +638,15 @@ func (v *VU) TryWriteAt(p []byte, off int64) (done bool, err error) {
 		m.inflight.Add(-1)
 		errs[i] = err
 	}
+	v.writes.Add(1)
 	return true, v.settle("write", ms, roles, errs)
 }
+
+// Writes is how many application writes (WRITE, not zeroes or trims)
+// were issued to the members so far. A write is counted between its
+// gate's BeginWrite and EndWrite, so with the gate held exclusively the
+// count is exact.
+func (v *VU) Writes() uint64 { return v.writes.Load() }
 
 // expelMember removes a failed member before the failing request is
 // acknowledged.
