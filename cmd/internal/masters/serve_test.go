@@ -227,6 +227,16 @@ func TestServeClosesOnBadFrame(t *testing.T) {
 			return withPrefix(b)
 		}, "version"},
 		{"unknown kind", func(t *testing.T) []byte { return withPrefix([]byte{wire.Version, 42, 7}) }, "malformed"},
+		// A reset clears a bitmap: one that does not decode must not.
+		{"reset of another version", func(t *testing.T) []byte {
+			b := encode(t, &wire.Frame{Kind: wire.KindReset, Seq: 9, Set: "DSA1", Writer: "w1"})[4:]
+			b[0] = wire.Version + 1
+			return withPrefix(b)
+		}, "version"},
+		{"truncated reset", func(t *testing.T) []byte {
+			b := encode(t, &wire.Frame{Kind: wire.KindReset, Seq: 9, Set: "DSA1", Writer: "w1"})[4:]
+			return withPrefix(b[:len(b)-1])
+		}, "malformed"},
 		{"zero length", func(t *testing.T) []byte { return []byte{0, 0, 0, 0} }, "malformed"},
 		{"ack sent to a master", func(t *testing.T) []byte { return encode(t, &wire.Frame{Kind: wire.KindAck, Seq: 7}) }, "protocol"},
 		{"second hello", func(t *testing.T) []byte { return helloFrom(t, "w1") }, "protocol"},
