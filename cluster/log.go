@@ -290,6 +290,12 @@ func (l *Log) Leave(ctx context.Context) error {
 func (l *Log) HostIncarnation(host string) (uint64, bool) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	return l.HostIncarnationLocked(host)
+}
+
+// HostIncarnationLocked is HostIncarnation for hooks (under the log's
+// lock).
+func (l *Log) HostIncarnationLocked(host string) (uint64, bool) {
 	inc, ok := l.incs[host]
 	return inc, ok
 }

@@ -230,7 +230,7 @@ func (a *Agent) remoteAdded(set, path string, inApply bool) {
 	}
 	if ok {
 		a.mu.Lock()
-		a.syncHBMM(vol, sv)
+		a.syncHBMM(vol, sv, inApply)
 		a.mu.Unlock()
 	}
 }

@@ -59,7 +59,9 @@ type hbmmWriter struct {
 	// seen: writers this host, as a master, has seen mount the set (only
 	// those are forgotten when they leave: a writer not yet seen may be
 	// one whose mount this host has not applied yet).
-	seen map[string]bool
+	// The value is the incarnation the log had for it then (0 off a
+	// cluster).
+	seen map[string]uint64
 
 	bitSets, failures, retries atomic.Uint64
 	// waited sums the time writes spent in setOnce (every target's ack),
@@ -69,7 +71,7 @@ type hbmmWriter struct {
 }
 
 func newHBMMWriter(a *Agent, vol *volume) *hbmmWriter {
-	return &hbmmWriter{a: a, vol: vol, changed: make(chan struct{}), seen: map[string]bool{}, started: time.Now()}
+	return &hbmmWriter{a: a, vol: vol, changed: make(chan struct{}), seen: map[string]uint64{}, started: time.Now()}
 }
 
 // Set implements bitmap.Remote.
@@ -221,12 +223,13 @@ func (a *Agent) syncHBMMViews() {
 		if !ok {
 			continue
 		}
-		a.syncHBMM(vol, sv)
+		a.syncHBMM(vol, sv, true)
 	}
 }
 
-// syncHBMM is syncHBMMViews for one set.
-func (a *Agent) syncHBMM(vol *volume, sv shadowset.SetView) {
+// syncHBMM is syncHBMMViews for one set; inApply: the caller holds the
+// log's lock.
+func (a *Agent) syncHBMM(vol *volume, sv shadowset.SetView, inApply bool) {
 	w := vol.hbw
 	mounted := slices.Contains(sv.Mounted, a.host)
 	master := mounted && slices.Contains(sv.Masters, a.host)
@@ -299,7 +302,18 @@ func (a *Agent) syncHBMM(vol *volume, sv shadowset.SetView) {
 			a.wg.Go(func() { a.handshake(vol, gaps) })
 		}
 	}
-	a.forgetWriters(vol, sv, master)
+	a.forgetWriters(vol, sv, master, func(host string) uint64 {
+		if a.clog == nil {
+			return 0
+		}
+		var inc uint64
+		if inApply {
+			inc, _ = a.clog.HostIncarnationLocked(host)
+		} else {
+			inc, _ = a.clog.HostIncarnation(host)
+		}
+		return inc
+	})
 }
 
 // handshake makes the masters in gaps cover this writer: the cache was
@@ -330,7 +344,7 @@ func (a *Agent) handshake(vol *volume, gaps []string) {
 // forgetWriters drops the bitmaps this host keeps for writers that left
 // the set (dismounted, failed) once no minimerge this host could run needs
 // them, and every writer's when it is no longer a master.
-func (a *Agent) forgetWriters(vol *volume, sv shadowset.SetView, master bool) {
+func (a *Agent) forgetWriters(vol *volume, sv shadowset.SetView, master bool, incOf func(host string) uint64) {
 	w := vol.hbw
 	needed := map[string]bool{}
 	for _, op := range sv.Ops {
@@ -343,16 +357,18 @@ func (a *Agent) forgetWriters(vol *volume, sv shadowset.SetView, master bool) {
 	for writer := range a.mstore.Writers(vol.name) {
 		mounted := slices.Contains(sv.Mounted, writer)
 		if mounted && master {
-			w.seen[writer] = true
+			w.seen[writer] = incOf(writer)
 			continue
 		}
 		if needed[writer] || writer == a.host {
 			continue
 		}
 		// A writer not seen mounted may be one whose mount this host has
-		// not applied yet: its chunks are kept.
-		if w.seen[writer] || !master {
-			a.mstore.Drop(vol.name, writer)
+		// not applied yet: its chunks are kept. One seen is forgotten
+		// with the incarnation seen, and only if no later run of it has
+		// written meanwhile (masters.Store.Forget).
+		if inc, seen := w.seen[writer]; seen || !master {
+			a.mstore.Forget(vol.name, writer, inc)
 			delete(w.seen, writer)
 		}
 	}

@@ -151,7 +151,7 @@ func (sc *serveConn) serve(br *bufio.Reader, st *Store, replies chan<- *wire.Fra
 				reply = &wire.Frame{Kind: wire.KindAck, Seq: f.Seq, Err: errText(st.Reset(f.Set, f.Writer, peerInc, f.Seq))}
 				break
 			}
-			reply = &wire.Frame{Kind: wire.KindAck, Seq: f.Seq, Err: errText(st.Apply(f.Set, f.Writer, f.Seq, f.Ranges))}
+			reply = &wire.Frame{Kind: wire.KindAck, Seq: f.Seq, Err: errText(st.Apply(f.Set, f.Writer, peerInc, f.Seq, f.Ranges))}
 		case wire.KindFetch:
 			reply = fetchReply(st, f)
 		default:

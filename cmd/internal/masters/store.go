@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 	"sync"
 
 	"github.com/shadow-project/shadow/bitmap"
@@ -81,9 +82,13 @@ type writerBitmaps struct {
 	// chunk belongs to at most one record, so no two rollbacks can both
 	// claim it.
 	pending *bitmap.Bitmap
-	// maxSeq is the highest bit-set seq applied: a reset numbered below it
-	// was overtaken (ErrStaleReset).
-	maxSeq uint64
+	// maxSeq is the highest bit-set seq applied, by incarnation (each run
+	// of a writer numbers from 1): a reset numbered below its run's was
+	// overtaken (ErrStaleReset).
+	maxSeq map[uint64]uint64
+	// incs are the writer's incarnations whose bit-sets live holds (from
+	// their streams' Hello): see Forget.
+	incs []uint64
 }
 
 type undoRecord struct {
@@ -135,7 +140,7 @@ func (s *Store) writer(set, writer string) (*openSet, *writerBitmaps, error) {
 			return nil, nil, fmt.Errorf("masters: bitmap of writer %s in %s: %w", writer, set, err)
 		}
 		pending, _ := bitmap.New(o.chunkSize) // same size, already accepted
-		w = &writerBitmaps{live: live, pending: pending}
+		w = &writerBitmaps{live: live, pending: pending, maxSeq: map[uint64]uint64{}}
 		o.writers[writer] = w
 	}
 	return o, w, nil
@@ -163,7 +168,7 @@ func (s *Store) Bitmap(set, writer string) (*bitmap.Bitmap, error) {
 // A chunk that seq newly set and that a later bit-set of the same writer
 // names again stays set through a rollback of seq: the later bit-set may
 // have been acknowledged, and its write issued, in the meantime.
-func (s *Store) Apply(set, writer string, seq uint64, rs []wire.Range) error {
+func (s *Store) Apply(set, writer string, inc, seq uint64, rs []wire.Range) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	o, ok := s.sets[set]
@@ -222,7 +227,10 @@ func (s *Store) Apply(set, writer string, seq uint64, rs []wire.Range) error {
 		w.remove(i)
 	}
 	w.undo = append(w.undo, undoRecord{seq: seq, newly: newly})
-	w.maxSeq = max(w.maxSeq, seq)
+	w.maxSeq[inc] = max(w.maxSeq[inc], seq)
+	if inc != 0 && !slices.Contains(w.incs, inc) {
+		w.incs = append(w.incs, inc)
+	}
 	if newly != nil {
 		_ = w.pending.Or(newly)
 	}
@@ -317,8 +325,10 @@ func (s *Store) SetResetCheck(check func(set, writer string, inc uint64) error) 
 // later write sends a bit-set numbered above seq. Those are the only ones
 // that must survive: if one was applied already, the reset arrived late
 // (on an older stream, say) and is refused with ErrStaleReset, which
-// leaves bits set, never too few. A writer with no bitmap here has
-// nothing to clear.
+// leaves bits set, never too few. The reset clears the bits of every run
+// of the writer: the check's conditions (the writer's live run, no merge
+// owed) mean an earlier run's are no longer needed. A writer with no
+// bitmap here has nothing to clear.
 func (s *Store) Reset(set, writer string, inc, seq uint64) error {
 	s.mu.Lock()
 	check := s.resetCheck
@@ -338,12 +348,13 @@ func (s *Store) Reset(set, writer string, inc, seq uint64) error {
 	if !ok {
 		return nil
 	}
-	if w.maxSeq > seq {
-		return fmt.Errorf("masters: reset %d of %s in %s: %w (bit-set %d applied)", seq, writer, set, ErrStaleReset, w.maxSeq)
+	if w.maxSeq[inc] > seq {
+		return fmt.Errorf("masters: reset %d of %s in %s: %w (bit-set %d applied)", seq, writer, set, ErrStaleReset, w.maxSeq[inc])
 	}
 	w.live.Clear()
 	w.pending.Clear()
 	w.undo = nil
+	w.incs = []uint64{inc}
 	return nil
 }
 
@@ -389,6 +400,34 @@ func (s *Store) Drop(set, writer string) {
 	if o, ok := s.sets[set]; ok {
 		delete(o.writers, writer)
 	}
+}
+
+// Forget is Drop for a writer's incarnation that has left the set
+// (departed; 0 if not known): the bitmap goes only if no other
+// incarnation set bits in it. A writer that restarts and writes before
+// this master has applied its previous run's failure sends its first
+// bit-sets into the same bitmap, and dropping them with the old run's
+// would lose chunks its cache already counts as set. Then the bits stay,
+// too many but never too few, until the new run leaves in turn. It
+// reports whether the bitmap was dropped.
+func (s *Store) Forget(set, writer string, departed uint64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	o, ok := s.sets[set]
+	if !ok {
+		return false
+	}
+	w, ok := o.writers[writer]
+	if !ok {
+		return false
+	}
+	if slices.ContainsFunc(w.incs, func(i uint64) bool { return i != departed }) {
+		w.incs = slices.DeleteFunc(w.incs, func(i uint64) bool { return i == departed })
+		delete(w.maxSeq, departed)
+		return false
+	}
+	delete(o.writers, writer)
+	return true
 }
 
 // Close forgets set and every bitmap of it.

@@ -26,7 +26,7 @@ func openStore(t *testing.T, sets ...string) *Store {
 
 func mustApply(t *testing.T, st *Store, set, writer string, seq uint64, rs ...wire.Range) {
 	t.Helper()
-	if err := st.Apply(set, writer, seq, rs); err != nil {
+	if err := st.Apply(set, writer, testInc, seq, rs); err != nil {
 		t.Fatalf("Apply(%s, %s, %d, %v): %v", set, writer, seq, rs, err)
 	}
 }
@@ -84,7 +84,7 @@ func TestStoreOpen(t *testing.T) {
 
 func TestStoreRefusesUnopenedSet(t *testing.T) {
 	st := openStore(t, "DSA1")
-	if err := st.Apply("DSA2", "w", 1, []wire.Range{chunkSpan(1, 1)}); !errors.Is(err, ErrNotOpen) {
+	if err := st.Apply("DSA2", "w", testInc, 1, []wire.Range{chunkSpan(1, 1)}); !errors.Is(err, ErrNotOpen) {
 		t.Fatalf("Apply: %v, want ErrNotOpen", err)
 	}
 	if err := st.Rollback("DSA2", "w", 1); !errors.Is(err, ErrNotOpen) {
@@ -194,11 +194,11 @@ func TestStoreRefusesBadBitSets(t *testing.T) {
 		"too many, summed": {[]wire.Range{chunkSpan(0, MaxApplyChunks/2-1), chunkSpan(1<<30, 1<<30+MaxApplyChunks/2)}, ErrTooLarge},
 	} {
 		t.Run(name, func(t *testing.T) {
-			if err := st.Apply("DSA1", "w", 2, c.rs); !errors.Is(err, c.want) {
+			if err := st.Apply("DSA1", "w", testInc, 2, c.rs); !errors.Is(err, c.want) {
 				t.Fatalf("Apply: %v, want %v", err, c.want)
 			}
 			wantChunks(t, st, "DSA1", "w", []uint64{7})
-			if err := st.Apply("DSA1", "new", 2, c.rs); !errors.Is(err, c.want) {
+			if err := st.Apply("DSA1", "new", testInc, 2, c.rs); !errors.Is(err, c.want) {
 				t.Fatalf("Apply for a new writer: %v, want %v", err, c.want)
 			}
 			if _, ok := st.Writers("DSA1")["new"]; ok {
@@ -248,7 +248,7 @@ func TestStoreSnapshotWritersDropClose(t *testing.T) {
 	if st.Writers("DSA1") != nil {
 		t.Fatal("Writers of a closed set")
 	}
-	if err := st.Apply("DSA1", "a", 2, []wire.Range{chunkSpan(1, 1)}); !errors.Is(err, ErrNotOpen) {
+	if err := st.Apply("DSA1", "a", testInc, 2, []wire.Range{chunkSpan(1, 1)}); !errors.Is(err, ErrNotOpen) {
 		t.Fatalf("Apply after Close: %v", err)
 	}
 }
@@ -260,7 +260,7 @@ func TestStoreConcurrentUse(t *testing.T) {
 		wg.Go(func() {
 			w := fmt.Sprint("w", g)
 			for i := range uint64(200) {
-				if err := st.Apply("DSA1", w, i+1, []wire.Range{chunkSpan(i, i+1)}); err != nil {
+				if err := st.Apply("DSA1", w, testInc, i+1, []wire.Range{chunkSpan(i, i+1)}); err != nil {
 					t.Error(err)
 					return
 				}
@@ -295,7 +295,7 @@ func TestStoreReset(t *testing.T) {
 	mustApply(t, st, "DSA1", "w", 1, chunkSpan(1, 3))
 	mustApply(t, st, "DSA1", "w", 2, chunkSpan(10, 10))
 	mustApply(t, st, "DSA1", "x", 9, chunkSpan(5, 5))
-	if err := st.Reset("DSA1", "w", 1, 3); err != nil {
+	if err := st.Reset("DSA1", "w", testInc, 3); err != nil {
 		t.Fatalf("reset 3: %v", err)
 	}
 	wantChunks(t, st, "DSA1", "w", nil)
@@ -308,11 +308,23 @@ func TestStoreReset(t *testing.T) {
 
 	// Overtaken: bit-set 6 was applied before reset 5 arrived.
 	mustApply(t, st, "DSA1", "w", 6, chunkSpan(30, 30))
-	err := st.Reset("DSA1", "w", 1, 5)
+	err := st.Reset("DSA1", "w", testInc, 5)
 	if !errors.Is(err, ErrStaleReset) {
 		t.Fatalf("reset 5 after bit-set 6: %v, want ErrStaleReset", err)
 	}
 	wantChunks(t, st, "DSA1", "w", []uint64{20, 21, 30})
+	// Each run of a writer numbers from 1: another run's bit-sets do not
+	// make this run's reset stale.
+	if err := st.Apply("DSA1", "v", testInc+1, 900, []wire.Range{chunkSpan(40, 40)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Apply("DSA1", "v", testInc+2, 1, []wire.Range{chunkSpan(41, 41)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Reset("DSA1", "v", testInc+2, 2); err != nil {
+		t.Fatalf("reset 2 of a run whose last bit-set is 1: %v", err)
+	}
+	wantChunks(t, st, "DSA1", "v", nil)
 
 	// The agent's check comes first and refuses without clearing.
 	refuse := errors.New("a merge is owed")
@@ -335,5 +347,40 @@ func TestStoreReset(t *testing.T) {
 	}
 	if err := st.Reset("DSA9", "w", 1, 99); !errors.Is(err, ErrNotOpen) {
 		t.Fatalf("reset on an unopened set: %v", err)
+	}
+}
+
+// testInc is the incarnation the store tests' writer runs.
+const testInc = 5
+
+// A writer's bitmap is forgotten with the incarnation that left, unless a
+// later run of the writer set bits in it meanwhile (a restart whose first
+// bit-sets beat the master's apply of the previous run's failure).
+func TestStoreForget(t *testing.T) {
+	st := openStore(t, "DSA1")
+	mustApply(t, st, "DSA1", "w", 1, chunkSpan(1, 2))
+	if !st.Forget("DSA1", "w", testInc) {
+		t.Fatal("the only incarnation left, yet the bitmap was kept")
+	}
+	if _, ok := st.Snapshot("DSA1", "w"); ok {
+		t.Fatal("bitmap still there after Forget")
+	}
+
+	mustApply(t, st, "DSA1", "w", 1, chunkSpan(1, 2))
+	if err := st.Apply("DSA1", "w", testInc+1, 1, []wire.Range{chunkSpan(7, 7)}); err != nil {
+		t.Fatal(err)
+	}
+	if st.Forget("DSA1", "w", testInc) {
+		t.Fatal("the old run's departure dropped the new run's bits")
+	}
+	wantChunks(t, st, "DSA1", "w", []uint64{1, 2, 7}) // too many, never too few
+	if st.Forget("DSA1", "w", 0) {
+		t.Fatal("an unknown incarnation's departure dropped the bitmap")
+	}
+	if !st.Forget("DSA1", "w", testInc+1) {
+		t.Fatal("the new run left too, yet the bitmap was kept")
+	}
+	if st.Forget("DSA1", "nobody", 1) || st.Forget("DSA9", "w", 1) {
+		t.Fatal("Forget of nothing reported a drop")
 	}
 }
