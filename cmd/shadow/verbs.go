@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -26,6 +27,7 @@ import (
 	"github.com/shadow-project/shadow/cmd/internal/control"
 	"github.com/shadow-project/shadow/cmd/internal/fence"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/metrics"
 	"github.com/shadow-project/shadow/cmd/internal/policy"
 	"github.com/shadow-project/shadow/cmd/internal/report"
 	"github.com/shadow-project/shadow/shadowset"
@@ -99,6 +101,7 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "on-no-quorum", Value: "suspend-io", Usage: "member I/O without a lease (quorum lost): suspend-io (wait, up to --no-quorum-timeout) or io-error"},
 			&cli.DurationFlag{Name: "no-quorum-timeout", Value: 60 * time.Second, Usage: "with suspend-io, how long I/O waits for quorum before it fails"},
 			&cli.BoolFlag{Name: "no-fencing", Hidden: true, Usage: "benchmarks only: no lease, no watchdog"},
+			&cli.StringFlag{Name: "metrics-listen", Usage: "loopback TCP address to serve Prometheus metrics on, at /metrics (empty: none)"},
 		},
 		Action: func(cc *cli.Context) error {
 			setIOParallelism(cc.Int("io-parallelism"))
@@ -126,6 +129,18 @@ func agentCommand() *cli.Command {
 				MinRate: cc.Int64("min-rate"), MaxRate: cc.Int64("max-rate"),
 				CleanAfter: cc.Duration("clean-after"), Logger: log, Cluster: cl,
 			}
+			var mx *metrics.Metrics
+			var mln net.Listener
+			if addr := cc.String("metrics-listen"); addr != "" {
+				// Listened on before the agent starts, so that a bad
+				// address changes nothing.
+				if mln, err = metrics.Listen(addr); err != nil {
+					return cli.Exit("agent: "+err.Error(), 2)
+				}
+				defer mln.Close()
+				mx = metrics.New()
+				cfgA.ObserveNBD = mx.ObserveNBD
+			}
 			if cc.IsSet("recovery-delay") {
 				d := cc.Duration("recovery-delay")
 				cfgA.RecoveryDelay = &d
@@ -133,6 +148,12 @@ func agentCommand() *cli.Command {
 			a, err := agent.New(cfgA)
 			if err != nil {
 				return err
+			}
+			if mx != nil {
+				mx.SetSource(a)
+				srv := mx.Serve(mln)
+				defer srv.Close()
+				log.Info().Str("addr", mln.Addr().String()).Msg("serving metrics at /metrics")
 			}
 			for _, spec := range cc.StringSlice("mount") {
 				if err := mountAtStart(cc, a, spec); err != nil {

@@ -46,6 +46,9 @@ type Config struct {
 	// marked clean (default 5 s).
 	CleanAfter time.Duration
 	Logger     zerolog.Logger
+	// ObserveNBD, if set, hears of every NBD request served (the metrics'
+	// request counts and latencies: nbd.Options.Observe).
+	ObserveNBD func(command string, seconds float64, failed bool)
 	// OpenDevice opens members (default device.Open); tests wrap the
 	// devices to inject faults and power losses.
 	OpenDevice func(path string, opts device.Options) (device.Device, error)
@@ -120,7 +123,7 @@ func New(cfg Config) (*Agent, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	a := &Agent{cfg: cfg, host: cfg.Host, log: cfg.Logger, ctx: ctx, stop: cancel,
 		sets: map[string]*volume{}, runs: map[shadowset.OpID]*run{}, mstore: masters.NewStore()}
-	a.nbd = nbd.NewServer(nbd.Options{Logger: cfg.Logger})
+	a.nbd = nbd.NewServer(nbd.Options{Logger: cfg.Logger, Observe: cfg.ObserveNBD})
 	if err := a.listenNBD(); err != nil {
 		a.closeListeners()
 		cancel()

@@ -92,6 +92,12 @@ type Options struct {
 	// forever. Default 30 s. The transmission phase has no timeout:
 	// clients legitimately idle for hours.
 	HandshakeTimeout time.Duration
+	// Observe, if set, hears of every request served: its command
+	// ("read", "write", "flush", "trim", "write_zeroes"), how long serving
+	// it took (from its handling's start to its reply), and whether it
+	// failed. It runs on
+	// the request's path, so it must be quick (a histogram observation).
+	Observe func(command string, seconds float64, failed bool)
 }
 
 // ErrServerClosed is returned by Serve after Shutdown.
@@ -100,6 +106,7 @@ var ErrServerClosed = errors.New("nbd: server closed")
 // Server serves exports over any number of listeners.
 type Server struct {
 	log              zerolog.Logger
+	observe          func(command string, seconds float64, failed bool)
 	maxRequest       int
 	maxInFlight      int
 	maxInFlightBytes int64
@@ -142,6 +149,7 @@ func NewServer(opts Options) *Server {
 	}
 	return &Server{
 		log:        opts.Logger,
+		observe:    opts.Observe,
 		maxRequest: maxRequest,
 		// Enough for any normal client (nbdcopy keeps 64 × 256 KiB in
 		// flight), yet a client queueing 64 maximal READs cannot make one

@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/bits"
 	"sync"
+	"time"
 )
 
 // request is one decoded request header [Request message], plus the WRITE
@@ -143,11 +144,18 @@ func (c *conn) serveQuick(r *request) bool {
 		return false
 	}
 	off := int64(r.offset)
+	var began time.Time
+	if c.srv.observe != nil {
+		began = time.Now()
+	}
 	switch r.typ {
 	case cmdWrite:
 		done, err := c.quick.TryWriteAt(*r.payload, off)
 		if !done {
 			return false
+		}
+		if c.srv.observe != nil {
+			c.srv.observe("write", time.Since(began).Seconds(), err != nil)
 		}
 		putBuffer(r.payload)
 		c.batchReply(r.cookie, c.backendResult(r, err), 0)
@@ -158,6 +166,9 @@ func (c *conn) serveQuick(r *request) bool {
 		if !c.quick.TryReadAt(data, off) {
 			c.unbatchReply(int(r.length))
 			return false
+		}
+		if c.srv.observe != nil {
+			c.srv.observe("read", time.Since(began).Seconds(), false)
 		}
 		return true
 	}
@@ -227,11 +238,15 @@ func (c *conn) validate(r *request) uint32 {
 func (c *conn) handle(r request, payloadBytes int64) {
 	defer c.inflight.Done()
 	defer c.budget.release(payloadBytes)
+	var err error
+	if obs := c.srv.observe; obs != nil {
+		began := time.Now()
+		defer func() { obs(commandName(r.typ), time.Since(began).Seconds(), err != nil) }()
+	}
 
 	b := c.exp.Backend
 	off, length := int64(r.offset), int64(r.length)
 	fua := r.flags&cmdFlagFUA != 0
-	var err error
 	switch r.typ {
 	case cmdRead:
 		buf := getBuffer(int(r.length))
