@@ -462,6 +462,9 @@ func (a *Agent) Show(set string) (report.ShowReport, error) {
 		var prio int
 		a.elog.View(func(c *shadowset.Core) { prio = c.Priority(a.host, name) })
 		s := report.SetShow{Name: name, SizeBytes: vol.size, NBDURI: a.URI(name), Mounted: sv.Mounted, Priority: prio, Members: []report.MemberShow{}, Ops: []report.OpShow{}}
+		if vol.vu != nil {
+			s.MemberIOErrors, s.Expulsions = vol.vu.Faults()
+		}
 		master := a.masterFor(vol)
 		mergePct := -1
 		copyPct := map[string]int{}

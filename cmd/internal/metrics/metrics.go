@@ -136,7 +136,7 @@ type showCollector struct {
 	dirtyChunks, writerChunks, bitSets, bitSetFailures       *prometheus.Desc
 	bitSetRetries, bitSetWait, resets, masters               *prometheus.Desc
 	quorum, leader, hostUp, coreLevel, leaseIO, leaseRefused *prometheus.Desc
-	leaseLapses, voters                                      *prometheus.Desc
+	leaseLapses, voters, ioErrors, expulsions                *prometheus.Desc
 }
 
 func newShowCollector(src Source) *showCollector {
@@ -149,6 +149,8 @@ func newShowCollector(src Source) *showCollector {
 		setInfo:        d("shadow_set_info", "A mounted shadow set and its state (Virtual Unit State).", "set", "state"),
 		setSize:        d("shadow_set_size_bytes", "The set's size.", "set"),
 		setHosts:       d("shadow_set_mounted_hosts", "Hosts that mount the set.", "set"),
+		ioErrors:       d("shadow_member_io_errors_total", "Member I/Os of this host that failed (fencing refusals aside), since the set was mounted here.", "set"),
+		expulsions:     d("shadow_member_expulsions_total", "Members this host expelled after an I/O error, since the set was mounted here.", "set"),
 		memberInfo:     d("shadow_member_info", "A member of a set and its role (full or copy-target).", "set", "member", "role"),
 		memberReadCost: d("shadow_member_read_cost", "The member's read cost on this host.", "set", "member"),
 		memberMaster:   d("shadow_member_merge_master", "1 for the set's merge master.", "set", "member"),
@@ -183,7 +185,7 @@ func (c *showCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{c.scrapeErr, c.setInfo, c.setSize, c.setHosts, c.memberInfo, c.memberReadCost, c.memberMaster,
 		c.memberProgress, c.opInfo, c.opProgress, c.workChunks, c.workChunksDone, c.workBytes, c.workSeconds, c.dirtyChunks,
 		c.writerChunks, c.bitSets, c.bitSetFailures, c.bitSetRetries, c.bitSetWait, c.resets, c.masters, c.quorum, c.leader,
-		c.hostUp, c.voters, c.coreLevel, c.leaseIO, c.leaseRefused, c.leaseLapses} {
+		c.hostUp, c.voters, c.coreLevel, c.leaseIO, c.leaseRefused, c.leaseLapses, c.ioErrors, c.expulsions} {
 		ch <- d
 	}
 }
@@ -206,6 +208,8 @@ func (c *showCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(c.setInfo, 1, s.Name, s.State)
 		gauge(c.setSize, float64(s.SizeBytes), s.Name)
 		gauge(c.setHosts, float64(len(s.Mounted)), s.Name)
+		counter(c.ioErrors, float64(s.MemberIOErrors), s.Name)
+		counter(c.expulsions, float64(s.Expulsions), s.Name)
 		for _, m := range s.Members {
 			gauge(c.memberInfo, 1, s.Name, m.Path, m.Role)
 			gauge(c.memberReadCost, float64(m.ReadCost), s.Name, m.Path)

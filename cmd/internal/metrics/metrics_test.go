@@ -19,7 +19,7 @@ func (f *fakeSource) Show(string) (report.ShowReport, error) { return f.r, f.err
 
 func sampleReport() report.ShowReport {
 	return report.ShowReport{Host: "A", Sets: []report.SetShow{{
-		Name: "DSA1", State: "Steady State", SizeBytes: 1 << 30, Mounted: []string{"A", "B"},
+		Name: "DSA1", State: "Steady State", SizeBytes: 1 << 30, Mounted: []string{"A", "B"}, MemberIOErrors: 6, Expulsions: 2,
 		Members: []report.MemberShow{
 			{Path: "/m1", Role: "full", Master: true, ReadCost: 1, ProgressPct: -1},
 			{Path: "/m2", Role: "copy-target", ProgressPct: 40},
@@ -75,8 +75,11 @@ shadow_lease_refused_io_total 5
 # HELP shadow_show_error 1 when the agent could not produce its show report for this scrape.
 # TYPE shadow_show_error gauge
 shadow_show_error 0
+# HELP shadow_member_expulsions_total Members this host expelled after an I/O error, since the set was mounted here.
+# TYPE shadow_member_expulsions_total counter
+shadow_member_expulsions_total{set="DSA1"} 2
 `
-	if err := testutil.GatherAndCompare(m.Registry(), strings.NewReader(want),
+	if err := testutil.GatherAndCompare(m.Registry(), strings.NewReader(want), "shadow_member_expulsions_total",
 		"shadow_member_progress_ratio", "shadow_hbmm_bit_sets_total", "shadow_hbmm_bit_set_wait_seconds",
 		"shadow_bitmap_dirty_chunks", "shadow_op_info", "shadow_cluster_voters", "shadow_lease_refused_io_total", "shadow_show_error"); err != nil {
 		t.Error(err)

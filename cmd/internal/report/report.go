@@ -47,6 +47,11 @@ type SetShow struct {
 	// the last completed ones (most recent last).
 	Work      []OpWorkShow `json:"work"`
 	Completed []OpWorkShow `json:"completed"`
+	// MemberIOErrors and Expulsions count, on this host since the set was
+	// mounted, the member I/Os that failed (fencing refusals aside) and
+	// the members expelled for it.
+	MemberIOErrors uint64 `json:"member_io_errors"`
+	Expulsions     uint64 `json:"expulsions"`
 }
 
 // HBMMShow is a set's HBMM state.

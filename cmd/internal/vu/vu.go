@@ -157,8 +157,8 @@ type VU struct {
 	name  string
 	size  int64
 	locks RangeLock
-	// writes: see Writes.
-	writes atomic.Uint64
+	// writes: see Writes. ioErrors, expulsions: see Faults.
+	writes, ioErrors, expulsions atomic.Uint64
 	expel  func(string, error) error
 	gate   Gate
 	ack    func() error
@@ -514,6 +514,11 @@ func (v *VU) settle(what string, ms []*member, roles []Role, errs []error) error
 	if err := v.fenced(what, errs); err != nil {
 		return err
 	}
+	for _, err := range errs {
+		if err != nil {
+			v.ioErrors.Add(1)
+		}
+	}
 	if fullOK == 0 {
 		err := errors.Join(errs...)
 		v.log.Error().Str("vu", v.name).Str("op", what).Err(err).Msg("no full member completed the request; it fails and no member is expelled")
@@ -642,6 +647,12 @@ func (v *VU) TryWriteAt(p []byte, off int64) (done bool, err error) {
 	return true, v.settle("write", ms, roles, errs)
 }
 
+// Faults is how many member I/Os failed (fencing refusals aside) and how
+// many members were expelled for it, since the VU was made.
+func (v *VU) Faults() (ioErrors, expulsions uint64) {
+	return v.ioErrors.Load(), v.expulsions.Load()
+}
+
 // Writes is how many application writes (WRITE, not zeroes or trims)
 // were issued to the members so far. A write is counted between its
 // gate's BeginWrite and EndWrite, so with the gate held exclusively the
@@ -658,6 +669,7 @@ func (v *VU) expelMember(m *member, cause error) error {
 			return fmt.Errorf("vu %s: expel %s: %w (after %v)", v.name, path, err, cause)
 		}
 	}
+	v.expulsions.Add(1)
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	for i, x := range v.members {
@@ -715,6 +727,7 @@ func (v *VU) ReadAt(p []byte, off int64) error {
 			// No member is at fault, and no other member may be read.
 			return fmt.Errorf("vu %s: read [%d, +%d): %w", v.name, off, len(p), err)
 		}
+		v.ioErrors.Add(1)
 		v.log.Warn().Str("vu", v.name).Str("member", m.dev.Path()).Int64("off", off).Int("len", len(p)).Err(err).Msg("read error; trying another member")
 		if firstErr == nil {
 			firstErr = err
@@ -789,6 +802,7 @@ func (v *VU) repair(m *member, good []byte, off int64) {
 		if errors.Is(err, device.ErrFenced) {
 			return // the member keeps its bad block; a merge repairs it
 		}
+		v.ioErrors.Add(1)
 		_ = v.expelMember(m, fmt.Errorf("repair write after a read error: %w", err))
 		return
 	}
@@ -839,6 +853,7 @@ func (v *VU) mergeRead(p []byte, off int64, master string) error {
 				v.partial.Store(true)
 				return fmt.Errorf("vu %s: merge-time write: %w", v.name, err)
 			}
+			v.ioErrors.Add(1)
 			if xerr := v.expelMember(m, fmt.Errorf("merge-time write: %w", err)); xerr != nil {
 				return xerr
 			}

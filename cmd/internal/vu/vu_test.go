@@ -168,6 +168,9 @@ func TestFailedMemberIsExpelledBeforeAck(t *testing.T) {
 	if fmt.Sprint(expelled) != "[b]" {
 		t.Fatalf("expelled %v, want [b]", expelled)
 	}
+	if ioErrs, ex := v.Faults(); ioErrs != 1 || ex != 1 {
+		t.Fatalf("faults: %d I/O errors, %d expulsions; want 1, 1", ioErrs, ex)
+	}
 	got := make([]byte, 5)
 	if err := v.ReadAt(got, 4096); err != nil || string(got) != "hello" {
 		t.Fatalf("read after expel: %q %v", got, err)
@@ -182,6 +185,9 @@ func TestFailedMemberIsExpelledBeforeAck(t *testing.T) {
 	}
 	if len(v.Members()) != 1 || len(expelled) != 1 {
 		t.Fatal("the last full member was expelled")
+	}
+	if ioErrs, ex := v.Faults(); ioErrs != 2 || ex != 1 {
+		t.Fatalf("faults: %d I/O errors, %d expulsions; want 2, 1", ioErrs, ex)
 	}
 }
 
