@@ -159,10 +159,10 @@ type VU struct {
 	locks RangeLock
 	// writes: see Writes. ioErrors, expulsions: see Faults.
 	writes, ioErrors, expulsions atomic.Uint64
-	expel  func(string, error) error
-	gate   Gate
-	ack    func() error
-	log    zerolog.Logger
+	expel                        func(string, error) error
+	gate                         Gate
+	ack                          func() error
+	log                          zerolog.Logger
 	// shared: see Config.Shared.
 	shared bool
 	// appIO counts application requests in flight and appDone those
