@@ -17,11 +17,19 @@ import (
 // hbmmChunk is the sets' chunk size (the default): one bit per 64 KiB.
 const hbmmChunk = 64 << 10
 
-// hbmmPolicy makes A and B the masters of DSA1 and waits until every
-// host sees them as masters covering every writer (the handshakes done).
+// hbmmPolicy makes masters the masters of set (write policy all) and
+// waits until every host sees them covering every writer.
 func hbmmPolicy(t *testing.T, c *testCluster, on *cnode, set string, masters ...string) {
 	t.Helper()
-	on.mustCLI("set", set, "--policy", "hbmm=(master_list=("+strings.Join(masters, ",")+"),write_policy=all)", "--enable", "hbmm")
+	hbmmPolicyText(t, c, on, set, "hbmm=(master_list=("+strings.Join(masters, ",")+"),write_policy=all)", masters...)
+}
+
+// hbmmPolicyText sets the policy text on set through on, then waits until
+// every live host sees masters as the set's masters, covering every
+// writer (the handshakes done).
+func hbmmPolicyText(t *testing.T, c *testCluster, on *cnode, set, policy string, masters ...string) {
+	t.Helper()
+	on.mustCLI("set", set, "--policy", policy, "--enable", "hbmm")
 	for _, nd := range c.live() {
 		waitFor(t, 20*time.Second, fmt.Sprintf("%s's view of %s: masters %v, no handshake pending", nd.name, set, masters), func() (bool, string) {
 			r, err := nd.tryShow()

@@ -91,8 +91,7 @@ func TestClusterE2EHBMMResetOracle(t *testing.T) {
 			ms := c.members(2, size)
 			a, b, victim := c.node("A"), c.node("B"), c.node("C")
 			c.mountEverywhere(a, "DSA1", ms, nil)
-			c.nodes[rand.IntN(3)].mustCLI("set", "DSA1", "--policy", fmt.Sprintf("hbmm=(master_list=(A,B),reset_threshold=%d,write_policy=all)", threshold), "--enable", "hbmm")
-			waitMasters(t, c, "DSA1", "A", "B")
+			hbmmPolicyText(t, c, c.nodes[rand.IntN(3)], "DSA1", fmt.Sprintf("hbmm=(master_list=(A,B),reset_threshold=%d,write_policy=all)", threshold), "A", "B")
 			bfio := background(t, "fio", fioArgs("bload", b.uri("DSA1"), "32m", "16m", "--time_based", "--runtime=60")...)
 			defer endGroup(bfio)
 
@@ -198,25 +197,6 @@ func TestClusterE2EHBMMResetOracle(t *testing.T) {
 			a.mustCLI("dismount", "DSA1")
 			b.mustCLI("dismount", "DSA1")
 			sameData(t, size, ms...)
-		})
-	}
-}
-
-// waitMasters waits until every live host sees masters as the set's
-// masters, covering every writer.
-func waitMasters(t *testing.T, c *testCluster, set string, masters ...string) {
-	t.Helper()
-	for _, nd := range c.live() {
-		waitFor(t, 20*time.Second, fmt.Sprintf("%s's view of %s: masters %v, no handshake pending", nd.name, set, masters), func() (bool, string) {
-			r, err := nd.tryShow()
-			if err != nil {
-				return false, err.Error()
-			}
-			s, ok := setOf(r, set)
-			if !ok || s.HBMM == nil {
-				return false, "no hbmm section"
-			}
-			return slices.Equal(s.HBMM.ActiveOn, masters) && len(s.HBMM.Gaps) == 0, fmt.Sprintf("masters %v, gaps %v", s.HBMM.ActiveOn, s.HBMM.Gaps)
 		})
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/shadow-project/shadow/cmd/internal/nbd"
 	"github.com/shadow-project/shadow/cmd/internal/report"
 	"github.com/shadow-project/shadow/cmd/internal/vu"
+	"github.com/shadow-project/shadow/cmd/internal/window"
 	"github.com/shadow-project/shadow/shadowset"
 )
 
@@ -41,17 +42,6 @@ type ClusterConfig struct {
 	OnNoQuorum      fence.Policy
 	NoQuorumTimeout time.Duration
 }
-
-// WindowSize is how much of a shared set a merge or copy claims at once:
-// other hosts' writes there wait while it is processed. A writer that hits
-// the window waits about WindowSize / (2 × the engine's rate), and the
-// share of writes that hit it is WindowSize / volume size, so the stall
-// grows with the square of the window and the inverse of the rate; each
-// window also costs a log entry (an fsync on every voter). Measured with
-// make bench (docs/performance.md): 16 MiB at full engine speed gave the
-// other hosts' writers the most; smaller windows, or slowing the engine
-// while they write, gave them less.
-const WindowSize = 16 << 20
 
 // startCluster joins the cluster and declares this run's incarnation: its
 // first entry, which fails the previous run if the log still has it up.
@@ -302,69 +292,17 @@ func (a *Agent) onWindow(set string, w *cluster.Window) {
 	})
 }
 
-// claimer returns the walk's Claim for an op on a shared set: before a
-// chunk, the window covering it must be acknowledged by every other host
-// that mounts the set. next, for a bitmap op, finds its next chunk with
-// work (nil for a full op): see windowEnd for the window's shape.
-func (a *Agent) claimer(ctx context.Context, vol *volume, act shadowset.Action, next func(off int64) (int64, bool)) *claim {
+// claimer returns the walk's Claim for an op on a shared set (nil off a
+// cluster): before a chunk, the window covering it must be acknowledged by
+// every other host that mounts the set. next, for a bitmap op, finds its
+// next chunk with work (nil for a full op).
+func (a *Agent) claimer(ctx context.Context, vol *volume, act shadowset.Action, next func(off int64) (int64, bool)) *window.Claim {
 	if !a.clustered() {
 		return nil
 	}
-	return &claim{hi: -1, size: vol.size, next: next, announce: func(lo, hi int64) error {
+	return window.NewClaim(vol.size, next, func(lo, hi int64) error {
 		return a.clog.Announce(ctx, act.Set, act.Op, lo, hi)
-	}}
-}
-
-// claim is one op's windows: the one it holds, and what they cost.
-type claim struct {
-	lo, hi, size int64
-	next         func(off int64) (int64, bool)
-	announce     func(lo, hi int64) error
-	// cost, if set, counts the windows announced and the time spent
-	// announcing them and waiting for every host's ack.
-	cost func(waited time.Duration)
-}
-
-// Claim is the walk's Claim.
-func (c *claim) Claim(off, n int64) error {
-	if off >= c.lo && off+n <= c.hi {
-		return nil
-	}
-	c.lo, c.hi = off, windowEnd(off, n, c.size, c.next)
-	began := time.Now()
-	err := c.announce(c.lo, c.hi)
-	if c.cost != nil {
-		c.cost(time.Since(began))
-	}
-	if err != nil {
-		c.hi = -1
-	}
-	return err
-}
-
-// windowEnd is where the window opened for the chunk [off, off+n) ends.
-// A full op's window is WindowSize of the volume. A bitmap op's holds
-// WindowSize of work: it stretches over the op's next chunks, however far
-// apart. A minimerge of 1% random dirt would otherwise pay a log entry and
-// a round of acks for every two or three chunks it moves (measured: 64
-// windows for 164 chunks, 3.6 ms per chunk against 0.43 on one host). The
-// stretch costs other hosts no more than a full merge does: a window is
-// held for the handshake plus at most WindowSize of work either way, so no
-// write waits longer than behind a full merge's window, and the sum over
-// the op of span × time held stays below the full merge's.
-func windowEnd(off, n, size int64, next func(off int64) (int64, bool)) int64 {
-	if next == nil {
-		return min(off+max(WindowSize, n), size)
-	}
-	end, work := off+n, n
-	for work < WindowSize && end < size {
-		c, ok := next(end)
-		if !ok || c >= size {
-			break
-		}
-		end, work = min(c+n, size), work+n
-	}
-	return end
+	})
 }
 
 // errRetryJoin: the set turned out to be held by another host: mount it as

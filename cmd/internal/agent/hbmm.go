@@ -17,6 +17,7 @@ import (
 	"github.com/shadow-project/shadow/cmd/internal/masters"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/policy"
+	"github.com/shadow-project/shadow/cmd/internal/testhook"
 	"github.com/shadow-project/shadow/shadowset"
 )
 
@@ -496,7 +497,7 @@ func (a *Agent) resetAcrossHosts(vol *volume, masters []string, modified, thresh
 		if err := bm.tracker.Reset(bitmap.HBMMSink); err != nil {
 			bm.tracker.Invalidate()
 		}
-		testRecordReset(a.host, vol)
+		testhook.RecordReset(a.host, vol.name, vol.vu.Writes())
 		ctx, cancel := context.WithTimeout(a.ctx, resetTimeout)
 		defer cancel()
 		var wg sync.WaitGroup

@@ -9,6 +9,7 @@ import (
 	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/cmd/internal/device"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
+	"github.com/shadow-project/shadow/cmd/internal/testhook"
 	"github.com/shadow-project/shadow/cmd/internal/vu"
 	shadowcopy "github.com/shadow-project/shadow/copy"
 	"github.com/shadow-project/shadow/merge"
@@ -237,11 +238,11 @@ func (a *Agent) plan(ctx context.Context, vol *volume, act shadowset.Action, wor
 	if work != nil {
 		// A bitmap op moves exactly its bitmap's chunks.
 		p.Chunk, p.Next, total = work.ChunkSize(), nextChunk(work), work.Count()
-		testRecordWork(a.host, act, work)
+		testhook.RecordWork(a.host, act.Set, uint64(act.Op), act.OpKind.String(), work.Chunks())
 	}
 	w := vol.bm.startWork(act.Op, act.OpKind, total, p.ChunkSize())
 	if cl := a.claimer(ctx, vol, act, p.Next); cl != nil {
-		cl.cost = func(waited time.Duration) {
+		cl.Cost = func(waited time.Duration) {
 			w.windows.Add(1)
 			w.windowWait.Add(int64(waited))
 		}

@@ -146,6 +146,16 @@ func (s *Store) writer(set, writer string) (*openSet, *writerBitmaps, error) {
 	return o, w, nil
 }
 
+// existing returns writer's bitmaps of set without creating them: nil if
+// it has none; open false if set is not open. The caller holds s.mu.
+func (s *Store) existing(set, writer string) (w *writerBitmaps, open bool) {
+	o, ok := s.sets[set]
+	if !ok {
+		return nil, false
+	}
+	return o.writers[writer], true
+}
+
 // Bitmap returns writer's live bitmap of set, creating it empty if absent.
 // The local writer uses it as its tracker's sink, so chunks it marks are in
 // this master's bitmap without a message.
@@ -285,12 +295,11 @@ func (w *writerBitmaps) remove(i int) {
 func (s *Store) Rollback(set, writer string, seq uint64) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	o, ok := s.sets[set]
-	if !ok {
+	w, open := s.existing(set, writer)
+	if !open {
 		return fmt.Errorf("masters: roll back bit-set %d of %s: %w: %s", seq, writer, ErrNotOpen, set)
 	}
-	w, ok := o.writers[writer]
-	if !ok {
+	if w == nil {
 		return nil
 	}
 	i := w.find(seq)
@@ -340,12 +349,11 @@ func (s *Store) Reset(set, writer string, inc, seq uint64) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	o, ok := s.sets[set]
-	if !ok {
+	w, open := s.existing(set, writer)
+	if !open {
 		return fmt.Errorf("masters: reset %d of %s: %w: %s", seq, writer, ErrNotOpen, set)
 	}
-	w, ok := o.writers[writer]
-	if !ok {
+	if w == nil {
 		return nil
 	}
 	if w.maxSeq[inc] > seq {
@@ -362,13 +370,9 @@ func (s *Store) Reset(set, writer string, inc, seq uint64) error {
 // none.
 func (s *Store) Snapshot(set, writer string) (*bitmap.Bitmap, bool) {
 	s.mu.Lock()
-	o, ok := s.sets[set]
-	var w *writerBitmaps
-	if ok {
-		w, ok = o.writers[writer]
-	}
+	w, _ := s.existing(set, writer)
 	s.mu.Unlock()
-	if !ok {
+	if w == nil {
 		return nil, false
 	}
 	// Cloned outside s.mu: the bitmap is safe on its own, and a large
@@ -392,19 +396,9 @@ func (s *Store) Writers(set string) map[string]uint64 {
 	return out
 }
 
-// Drop forgets writer's bitmap of set, once its chunks have been merged
-// or are no longer needed.
-func (s *Store) Drop(set, writer string) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if o, ok := s.sets[set]; ok {
-		delete(o.writers, writer)
-	}
-}
-
-// Forget is Drop for a writer's incarnation that has left the set
-// (departed; 0 if not known): the bitmap goes only if no other
-// incarnation set bits in it. A writer that restarts and writes before
+// Forget drops writer's bitmap of set, once no merge needs its chunks,
+// for the writer's incarnation departed that has left the set (0 if not
+// known): the bitmap goes only if no other incarnation set bits in it. A writer that restarts and writes before
 // this master has applied its previous run's failure sends its first
 // bit-sets into the same bitmap, and dropping them with the old run's
 // would lose chunks its cache already counts as set. Then the bits stay,
@@ -413,12 +407,8 @@ func (s *Store) Drop(set, writer string) {
 func (s *Store) Forget(set, writer string, departed uint64) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	o, ok := s.sets[set]
-	if !ok {
-		return false
-	}
-	w, ok := o.writers[writer]
-	if !ok {
+	w, _ := s.existing(set, writer)
+	if w == nil {
 		return false
 	}
 	if slices.ContainsFunc(w.incs, func(i uint64) bool { return i != departed }) {
@@ -426,7 +416,7 @@ func (s *Store) Forget(set, writer string, departed uint64) bool {
 		delete(w.maxSeq, departed)
 		return false
 	}
-	delete(o.writers, writer)
+	delete(s.sets[set].writers, writer)
 	return true
 }
 

@@ -212,7 +212,7 @@ func TestStoreRefusesBadBitSets(t *testing.T) {
 	}
 }
 
-func TestStoreSnapshotWritersDropClose(t *testing.T) {
+func TestStoreSnapshotWritersForgetClose(t *testing.T) {
 	st := openStore(t, "DSA1", "DSA2")
 	mustApply(t, st, "DSA1", "a", 1, chunkSpan(0, 9))
 	mustApply(t, st, "DSA1", "b", 1, chunkSpan(4, 4))
@@ -237,12 +237,14 @@ func TestStoreSnapshotWritersDropClose(t *testing.T) {
 		t.Fatalf("Writers: %s", got)
 	}
 
-	st.Drop("DSA1", "a")
+	if !st.Forget("DSA1", "a", testInc) {
+		t.Fatal("Forget of the only incarnation kept the bitmap")
+	}
 	if got := fmt.Sprint(st.Writers("DSA1")); got != "map[b:1 local:1]" {
-		t.Fatalf("Writers after Drop: %s", got)
+		t.Fatalf("Writers after Forget: %s", got)
 	}
 	if got := fmt.Sprint(st.Writers("DSA2")); got != "map[a:2]" {
-		t.Fatalf("Drop reached another set: %s", got)
+		t.Fatalf("Forget reached another set: %s", got)
 	}
 	st.Close("DSA1")
 	if st.Writers("DSA1") != nil {
