@@ -46,10 +46,13 @@ import (
 //	   resets its bitmaps there (RESET_THRESHOLD) with the bit-set
 //	   stream's reset frame (bitmap/wire.KindReset), which a level-3
 //	   master would take for a malformed frame.
+//	5: write policy active (shadowset.WriteActive): a writer's standbys
+//	   cover it only once it makes one its active master; a level-4 host
+//	   would count every master as covering.
 
 // buildCoreLevel is this build's core level; tests build an "older"
 // agent with -ldflags "-X github.com/shadow-project/shadow/cluster.buildCoreLevel=1".
-var buildCoreLevel = "4"
+var buildCoreLevel = "5"
 
 // LevelLeases is the level that switches leases on.
 const LevelLeases = 2
@@ -61,12 +64,19 @@ const LevelHBMM = 3
 // masters on other hosts.
 const LevelHBMMReset = 4
 
+// LevelHBMMActive is the level from which a set may use write policy
+// active.
+const LevelHBMMActive = 5
+
 // checkHBMMLevel refuses HBMM events below LevelHBMM: the hosts would
 // not agree on what a master covers.
 func (l *Log) checkHBMMLevel(ev shadowset.Event) error {
 	hbmm := ev.Kind == shadowset.EvCovered || (ev.Kind == shadowset.EvHBMM && ev.Spec != nil && (len(ev.Spec.HBMM) > 0 || len(ev.Spec.HBMMLists) > 0))
 	if hbmm && l.level < LevelHBMM {
 		return fmt.Errorf("%w: HBMM across hosts is off until every host runs core level %d (the cluster runs %d)", shadowset.ErrBadEvent, LevelHBMM, l.level)
+	}
+	if ev.Kind == shadowset.EvHBMM && ev.Spec != nil && ev.Spec.HBMMWrite == shadowset.WriteActive && l.level < LevelHBMMActive {
+		return fmt.Errorf("%w: write policy active is off until every host runs core level %d (the cluster runs %d); use write_policy=all", shadowset.ErrBadEvent, LevelHBMMActive, l.level)
 	}
 	return nil
 }

@@ -748,8 +748,15 @@ func (c *Core) setHBMM(ev Event) error {
 		return badf("%s has op%d minimerge %s; change its HBMM policy when it completes", st.Name, op.ID, op.State)
 	}
 	before := c.masters(st)
-	st.HBMM, st.Lists, st.Reset = hosts, lists, 0
+	st.HBMM, st.Lists, st.Reset, st.Write = hosts, lists, 0, ""
 	if ev.Spec != nil && len(hosts) > 0 {
+		switch ev.Spec.HBMMWrite {
+		case "", WriteAll:
+		case WriteActive:
+			st.Write = WriteActive
+		default:
+			return badf("hbmm write policy %q: want %s or %s", ev.Spec.HBMMWrite, WriteAll, WriteActive)
+		}
 		st.Reset = ev.Spec.HBMMReset
 	}
 	switch {

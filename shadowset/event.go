@@ -139,6 +139,9 @@ type SetSpec struct {
 	// never reset), in the log so that every writer resets its bitmaps on
 	// the masters at the same threshold.
 	HBMMReset uint64 `json:"hbmm_reset,omitempty"`
+	// HBMMWrite is the policy's write policy: WriteActive, or "" for
+	// "all" (every master acknowledges each bit-set).
+	HBMMWrite string `json:"hbmm_write,omitempty"`
 	// Controller: the set uses write logs (controller minimerge).
 	Controller bool `json:"controller,omitempty"`
 	// Dirty: a merge is required.

@@ -1,6 +1,7 @@
 package shadowset_test
 
 import (
+	"cmp"
 	"fmt"
 	"strings"
 	"testing"
@@ -90,6 +91,12 @@ func masters(c *shadowset.Core) string {
 		fmt.Fprintf(&b, "%s masters=%s", s.Name, strings.Join(s.Masters, ","))
 		for _, g := range s.Gaps {
 			fmt.Fprintf(&b, " gap=%s>%s", g.Master, g.Writer)
+		}
+		if s.HBMMWrite == shadowset.WriteActive {
+			b.WriteString(" write=active")
+			for _, w := range s.Mounted {
+				fmt.Fprintf(&b, " %s>%s", w, cmp.Or(s.Active(w), "none"))
+			}
 		}
 		b.WriteString("\n")
 		for _, op := range s.Ops {

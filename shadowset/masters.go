@@ -29,6 +29,21 @@ import (
 //     survives its own failure: a failed writer is covered only by the
 //     other masters.
 
+// Write policies (the seed's replica write policies): under WriteAll
+// every master acknowledges a writer's bit-set before its write; under
+// WriteActive one active master on another host does, and the others
+// (standbys) are brought up to date asynchronously. A standby may have
+// missed bit-sets, so the core counts it as covering the writer only once
+// the writer has made it its active master (EvCovered): after confirming
+// that it holds every bit the writer had acknowledged, or after the
+// handshake's flush. Each writer has at most one covering master on
+// another host under WriteActive; when that one fails, the writer's chunks
+// need a full merge until the writer's EvCovered names another.
+const (
+	WriteAll    = "all"
+	WriteActive = "active"
+)
+
 // MaxHBMMCount is OpenVMS's limit on a policy's COUNT; MaxMasters on the
 // masters of one set.
 const (
@@ -171,6 +186,29 @@ func (c *Core) refreshMasters(st *setState, before []string, fresh string) {
 	st.Gaps = slices.DeleteFunc(st.Gaps, func(g CoverGap) bool {
 		return !slices.Contains(after, g.Master) || !st.mountedOn(g.Writer)
 	})
+	c.oneActive(st, after)
+}
+
+// oneActive keeps, under WriteActive, at most one master on another host
+// covering each writer (its active master, the first in sorted order):
+// the others are standbys, which the core does not count on.
+func (c *Core) oneActive(st *setState, masters []string) {
+	if st.Write != WriteActive {
+		return
+	}
+	for _, w := range st.sortedMounted() {
+		active := ""
+		for _, m := range masters {
+			if m == w || st.gap(m, w) {
+				continue
+			}
+			if active == "" {
+				active = m
+				continue
+			}
+			st.Gaps = append(st.Gaps, CoverGap{Master: m, Writer: w})
+		}
+	}
 }
 
 // coverers are the masters, other than gone, whose bitmaps cover every
@@ -209,9 +247,16 @@ func (c *Core) covered(ev Event) error {
 	if ev.Spec == nil || len(ev.Spec.HBMM) == 0 {
 		return badf("covered %s: name the masters %s drained its writes for", st.Name, ev.Host)
 	}
+	named := ev.Spec.HBMM
+	if st.Write == WriteActive {
+		// One active master per writer: the first named that is a gap.
+		if i := slices.IndexFunc(named, func(m string) bool { return st.gap(m, ev.Host) }); i >= 0 {
+			named = named[i : i+1]
+		}
+	}
 	var closed []string
 	st.Gaps = slices.DeleteFunc(st.Gaps, func(g CoverGap) bool {
-		if g.Writer == ev.Host && slices.Contains(ev.Spec.HBMM, g.Master) {
+		if g.Writer == ev.Host && slices.Contains(named, g.Master) {
 			closed = append(closed, g.Master)
 			return true
 		}
@@ -221,6 +266,7 @@ func (c *Core) covered(ev Event) error {
 		slices.SortFunc(closed, compareNames)
 		c.notef("%s: %s covered by %s", st.Name, ev.Host, strings.Join(closed, ","))
 	}
+	c.oneActive(st, c.masters(st))
 	return nil
 }
 

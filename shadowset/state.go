@@ -78,6 +78,8 @@ type setState struct {
 	Lists []MasterList `json:"hbmm_lists,omitempty"`
 	// Reset is the policy's RESET_THRESHOLD (SetSpec.HBMMReset).
 	Reset uint64 `json:"hbmm_reset,omitempty"`
+	// Write is the policy's write policy (SetSpec.HBMMWrite).
+	Write string `json:"hbmm_write,omitempty"`
 	// Gaps are the (master, writer) pairs where the master has become one
 	// after the writer mounted, and the writer has not yet reported the
 	// handshake (EvCovered) that makes the master's bitmap for it whole.

@@ -82,7 +82,9 @@ type SetView struct {
 	Lists []MasterList
 	// HBMMReset is the policy's RESET_THRESHOLD in 512-byte blocks (0:
 	// never).
-	HBMMReset  uint64
+	HBMMReset uint64
+	// HBMMWrite is the write policy: WriteActive, or "" for all.
+	HBMMWrite  string
 	Masters    []string
 	Gaps       []CoverGap
 	Controller bool
@@ -94,6 +96,34 @@ type SetView struct {
 type CoverGap struct {
 	Master string `json:"master"`
 	Writer string `json:"writer"`
+}
+
+// Active is writer's active master under write policy active: the one
+// master on another host that covers it ("" when none does yet: the
+// writer's next handshake picks one, ActiveCandidate).
+func (v SetView) Active(writer string) string {
+	for _, m := range v.Masters {
+		if m != writer && v.Covers(m, writer) {
+			return m
+		}
+	}
+	return ""
+}
+
+// ActiveCandidate is the master writer records its bit-sets on
+// synchronously under write policy active: its active master, or, while
+// it has none, the first master on another host (the one its handshake
+// will make active); "" when there is no master on another host.
+func (v SetView) ActiveCandidate(writer string) string {
+	if a := v.Active(writer); a != "" {
+		return a
+	}
+	for _, m := range v.Masters {
+		if m != writer {
+			return m
+		}
+	}
+	return ""
 }
 
 // Covers reports whether master's bitmap for writer is whole.
@@ -144,7 +174,7 @@ func (c *Core) Priority(host, set string) int { return c.s.priority(host, set) }
 func (c *Core) Delay() time.Duration { return c.s.Delay }
 
 func (c *Core) setView(st *setState) SetView {
-	v := SetView{Name: st.Name, Mounted: st.sortedMounted(), HBMM: slices.Sorted(slices.Values(st.HBMM)), Lists: cloneLists(st.Lists), HBMMReset: st.Reset,
+	v := SetView{Name: st.Name, Mounted: st.sortedMounted(), HBMM: slices.Sorted(slices.Values(st.HBMM)), Lists: cloneLists(st.Lists), HBMMReset: st.Reset, HBMMWrite: st.Write,
 		Masters: c.masters(st), Gaps: sortedGaps(st.Gaps), Controller: st.Controller}
 	for _, m := range st.Members {
 		v.Members = append(v.Members, MemberView{Name: m.Name, Role: m.Role})

@@ -133,10 +133,7 @@ func formatEvent(core *shadowset.Core, ev shadowset.Event) (string, error) {
 					line += fmt.Sprintf("/%d", l.Count)
 				}
 			}
-			if spec.HBMMReset > 0 {
-				line += fmt.Sprintf(" reset=%d", spec.HBMMReset)
-			}
-			return line, nil
+			return line + hbmmOptions(spec), nil
 		}
 		hosts := "none"
 		if len(spec.HBMM) > 0 {
@@ -146,10 +143,7 @@ func formatEvent(core *shadowset.Core, ev shadowset.Event) (string, error) {
 		if spec.HBMMCount > 0 {
 			line += fmt.Sprintf(" count=%d", spec.HBMMCount)
 		}
-		if spec.HBMMReset > 0 {
-			line += fmt.Sprintf(" reset=%d", spec.HBMMReset)
-		}
-		return line, nil
+		return line + hbmmOptions(spec), nil
 	case shadowset.EvCovered:
 		var ms []string
 		if ev.Spec != nil {
@@ -184,4 +178,16 @@ func stale(core *shadowset.Core, ev shadowset.Event) bool {
 		}
 	}
 	return true
+}
+
+// hbmmOptions are an hbmm line's options after its master lists.
+func hbmmOptions(spec shadowset.SetSpec) string {
+	var s string
+	if spec.HBMMReset > 0 {
+		s += fmt.Sprintf(" reset=%d", spec.HBMMReset)
+	}
+	if spec.HBMMWrite != "" {
+		s += " write=" + spec.HBMMWrite
+	}
+	return s
 }

@@ -362,6 +362,14 @@ func ParseLine(line string) (d Directive, ok bool, err error) {
 			}
 			spec.HBMMReset = n
 		}
+		if v, ok := a.opt("write"); ok {
+			if v != shadowset.WriteAll && v != shadowset.WriteActive {
+				return d, false, fmt.Errorf("%w: hbmm write=%q: want %s or %s", ErrSyntax, v, shadowset.WriteAll, shadowset.WriteActive)
+			}
+			if v == shadowset.WriteActive {
+				spec.HBMMWrite = v
+			}
+		}
 		ev(shadowset.Event{Kind: shadowset.EvHBMM, Set: a.pos[0], Spec: spec})
 		want = len(a.pos)
 	case "covered":

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"slices"
@@ -254,6 +255,7 @@ func (a *Agent) effectivePolicy(h hbmmSetting) (policy.HBMMPolicy, error) {
 func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
 	var lists []shadowset.MasterList
 	var reset uint64
+	var write string
 	if h.enabled {
 		if vol.writeLog {
 			return fmt.Errorf("%w: %s uses write logs; a set uses HBMM or write logs, not both", policy.ErrPolicy, vol.name)
@@ -266,13 +268,16 @@ func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
 			return err
 		}
 		reset = p.ResetThreshold
+		if p.WritePolicy == policy.WriteActive {
+			write = shadowset.WriteActive
+		}
 	}
 	bm := vol.bm
 	bm.mu.Lock()
 	old := bm.hbmm
 	bm.mu.Unlock()
 	sv, _ := a.setView(vol.name)
-	if h.enabled == old.enabled && reset == sv.HBMMReset && slices.EqualFunc(lists, sv.Lists, func(x, y shadowset.MasterList) bool {
+	if h.enabled == old.enabled && reset == sv.HBMMReset && write == sv.HBMMWrite && slices.EqualFunc(lists, sv.Lists, func(x, y shadowset.MasterList) bool {
 		return x.Count == y.Count && slices.Equal(x.Hosts, y.Hosts)
 	}) {
 		bm.mu.Lock()
@@ -280,7 +285,7 @@ func (a *Agent) applyHBMM(vol *volume, h hbmmSetting) error {
 		bm.mu.Unlock()
 		return nil
 	}
-	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvHBMM, Set: vol.name, Spec: &shadowset.SetSpec{Name: vol.name, HBMMLists: lists, HBMMReset: reset}}); err != nil {
+	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvHBMM, Set: vol.name, Spec: &shadowset.SetSpec{Name: vol.name, HBMMLists: lists, HBMMReset: reset, HBMMWrite: write}}); err != nil {
 		return err
 	}
 	bm.mu.Lock()
@@ -489,7 +494,11 @@ func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *report.SetShow
 	}
 	// (Another host may have set the policy: the log's masters count.)
 	hs := &report.HBMMShow{Enabled: h.enabled || len(sv.HBMM) > 0, ActiveOn: append([]string{}, sv.Masters...), Candidates: append([]string{}, sv.HBMM...),
-		WritePolicy: "all", Resets: h.resets}
+		WritePolicy: cmp.Or(sv.HBMMWrite, shadowset.WriteAll), Resets: h.resets}
+	if sv.HBMMWrite == shadowset.WriteActive && vol.hbw != nil && vol.hbw.sb != nil {
+		hs.ActiveMaster = sv.Active(a.host)
+		hs.Standbys = vol.hbw.sb.Show()
+	}
 	for _, g := range sv.Gaps {
 		hs.Gaps = append(hs.Gaps, g.Master+">"+g.Writer)
 	}

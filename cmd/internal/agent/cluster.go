@@ -136,6 +136,7 @@ func (a *Agent) detachHBMM(vol *volume) {
 		return
 	}
 	vol.bm.tracker.SetRemote(nil)
+	vol.hbw.stop()
 	a.mstore.Close(vol.name)
 }
 

@@ -17,12 +17,13 @@ import (
 	"github.com/shadow-project/shadow/cmd/internal/masters"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/policy"
+	"github.com/shadow-project/shadow/cmd/internal/standby"
 	"github.com/shadow-project/shadow/cmd/internal/testhook"
 	"github.com/shadow-project/shadow/shadowset"
 )
 
 // This file connects a set's tracker to the core's HBMM masters
-// (shadowset/masters.go) across hosts, write policy "all":
+// (shadowset/masters.go) across hosts. Write policy "all":
 //
 //   - This host, as a master, keeps one bitmap per writer in a.mstore:
 //     its own writes through the tracker's local sink, other writers'
@@ -39,6 +40,19 @@ import (
 //     after the handshake: the cache was emptied when the master was
 //     added (SetRemote), the writes issued before are drained, every member
 //     is flushed, and EvCovered says so through the log.
+//
+// Write policy "active" (shadowset.WriteActive) differs in who waits:
+//
+//   - A write waits for one master on another host, its active master
+//     (or, while it has none, the candidate its next EvCovered makes
+//     active). The other masters are standbys: cmd/internal/standby sends
+//     them the same bit-sets without waiting, and catches up one that
+//     missed any by copying the active master's bitmap.
+//   - When the active master fails, the writer makes its candidate active:
+//     at once if the candidate is a standby in step (it holds every bit
+//     the writer acknowledged), else after the handshake's flush. The core
+//     counts on no standby, so a writer that fails in between is merged
+//     in full.
 
 // bitSetTimeout bounds how long a write waits for the masters to record
 // its chunks (the log dropping a failed master takes the failure
@@ -64,6 +78,12 @@ type hbmmWriter struct {
 	// cluster).
 	seen map[string]uint64
 
+	// Write policy active: the standbys (nil off a cluster), and the
+	// master this host makes active while it has none.
+	sb        *standby.Tracker
+	candidate string
+	cancel    context.CancelFunc
+
 	bitSets, failures, retries atomic.Uint64
 	// waited sums the time writes spent in setOnce (every target's ack),
 	// in nanoseconds, over bitSets.
@@ -72,7 +92,27 @@ type hbmmWriter struct {
 }
 
 func newHBMMWriter(a *Agent, vol *volume) *hbmmWriter {
-	return &hbmmWriter{a: a, vol: vol, changed: make(chan struct{}), seen: map[string]uint64{}, started: time.Now()}
+	w := &hbmmWriter{a: a, vol: vol, changed: make(chan struct{}), seen: map[string]uint64{}, started: time.Now(), cancel: func() {}}
+	if a.clustered() {
+		var ctx context.Context
+		ctx, w.cancel = context.WithCancel(a.ctx)
+		w.sb = standby.New(a.mpool, vol.name, a.host, a.log.With().Str("vu", vol.name).Logger())
+		a.wg.Go(func() { w.sb.Run(ctx, w.activeMaster) })
+	}
+	return w
+}
+
+// stop ends the standbys' catching up (the set is dismounted here).
+func (w *hbmmWriter) stop() { w.cancel() }
+
+// activeMaster is this writer's active master under write policy active
+// ("" when it has none, or under write policy all).
+func (w *hbmmWriter) activeMaster() string {
+	sv, ok := w.a.setView(w.vol.name)
+	if !ok || sv.HBMMWrite != shadowset.WriteActive {
+		return ""
+	}
+	return sv.Active(w.a.host)
 }
 
 // Set implements bitmap.Remote.
@@ -85,6 +125,9 @@ func (w *hbmmWriter) Set(first, last uint64) error {
 		w.mu.Unlock()
 		if len(ms) == 0 {
 			return nil
+		}
+		if w.sb != nil {
+			w.sb.Send(w.a.ctx, rs)
 		}
 		err := w.setOnce(rs, deadline)
 		if err == nil {
@@ -248,10 +291,24 @@ func (a *Agent) syncHBMM(vol *volume, sv shadowset.SetView, inApply bool) {
 	// members: the tracker's remote sink.
 	var remotes []bitSetTarget
 	newMinicopy := false
+	var standbys []string
+	candidate := ""
 	if mounted && a.clustered() {
-		for _, m := range sv.Masters {
-			if m != a.host {
-				remotes = append(remotes, bitSetTarget{Host: m, Key: vol.name})
+		if sv.HBMMWrite == shadowset.WriteActive {
+			candidate = w.pickCandidate(sv)
+			for _, m := range sv.Masters {
+				if m != a.host && m != candidate {
+					standbys = append(standbys, m)
+				}
+			}
+			if candidate != "" {
+				remotes = append(remotes, bitSetTarget{Host: candidate, Key: vol.name})
+			}
+		} else {
+			for _, m := range sv.Masters {
+				if m != a.host {
+					remotes = append(remotes, bitSetTarget{Host: m, Key: vol.name})
+				}
 			}
 		}
 		w.mu.Lock()
@@ -275,6 +332,14 @@ func (a *Agent) syncHBMM(vol *volume, sv shadowset.SetView, inApply bool) {
 			newMinicopy = newMinicopy || !slices.Contains(old, t)
 		}
 	}
+	if w.sb != nil {
+		// (Before the remotes: a standby must get every bit-set sent
+		// after the cache is emptied.)
+		w.sb.SetStandbys(standbys)
+	}
+	w.mu.Lock()
+	w.candidate = candidate
+	w.mu.Unlock()
 	if w.setRemotes(remotes) {
 		if len(remotes) > 0 {
 			vol.bm.tracker.SetRemote(w) // (empties the cache)
@@ -294,13 +359,27 @@ func (a *Agent) syncHBMM(vol *volume, sv shadowset.SetView, inApply bool) {
 			gaps = append(gaps, g.Master)
 		}
 	}
-	if len(gaps) > 0 && mounted {
+	promote := false
+	if sv.HBMMWrite == shadowset.WriteActive {
+		// Standbys stay gaps; only a writer without an active master
+		// makes its candidate one.
+		gaps = nil
+		if candidate != "" && sv.Active(a.host) == "" {
+			gaps, promote = []string{candidate}, true
+		}
+	}
+	if len(gaps) > 0 && mounted && a.clustered() {
 		w.mu.Lock()
 		start := !w.handshake
 		w.handshake = true
 		w.mu.Unlock()
 		if start {
-			a.wg.Go(func() { a.handshake(vol, gaps) })
+			a.wg.Go(func() {
+				if promote && a.confirmStandby(vol, candidate) {
+					return
+				}
+				a.handshake(vol, gaps)
+			})
 		}
 	}
 	a.forgetWriters(vol, sv, master, func(host string) uint64 {
@@ -315,6 +394,55 @@ func (a *Agent) syncHBMM(vol *volume, sv shadowset.SetView, inApply bool) {
 		}
 		return inc
 	})
+}
+
+// pickCandidate is the master this writer waits for under write policy
+// active: its active master; while it has none, the candidate picked
+// before if still a master, else the first standby in step (it can take
+// over without a flush), else the first master on another host.
+func (w *hbmmWriter) pickCandidate(sv shadowset.SetView) string {
+	host := w.a.host
+	if a := sv.Active(host); a != "" {
+		return a
+	}
+	w.mu.Lock()
+	prev := w.candidate
+	w.mu.Unlock()
+	if prev != "" && prev != host && slices.Contains(sv.Masters, prev) {
+		return prev
+	}
+	if w.sb != nil {
+		for _, s := range w.sb.Show() {
+			if s.State == standby.InStep && s.Host != host && slices.Contains(sv.Masters, s.Host) {
+				return s.Host
+			}
+		}
+	}
+	return sv.ActiveCandidate(host)
+}
+
+// confirmTimeout bounds a writer's wait for its bit-sets in flight to a
+// standby it makes active.
+const confirmTimeout = 2 * time.Second
+
+// confirmStandby makes candidate this writer's active master without a
+// flush when it is a standby in step: it holds every bit this writer
+// acknowledged (the seed's "the writer, still alive, confirms"). False:
+// the handshake is needed.
+func (a *Agent) confirmStandby(vol *volume, candidate string) bool {
+	ctx, cancel := context.WithTimeout(a.ctx, confirmTimeout)
+	defer cancel()
+	if !vol.hbw.sb.Confirm(ctx, candidate) {
+		a.log.Info().Str("vu", vol.name).Str("candidate", candidate).Msg("hbmm: the standby is not in step; it becomes the active master after the handshake's flush")
+		return false
+	}
+	err := a.elog.Append(shadowset.Event{Kind: shadowset.EvCovered, Set: vol.name, Host: a.host, Spec: &shadowset.SetSpec{Name: vol.name, HBMM: []string{candidate}}})
+	if err != nil {
+		a.log.Warn().Str("vu", vol.name).Err(err).Str("candidate", candidate).Msg("hbmm: standby's takeover not recorded")
+		return false
+	}
+	a.log.Info().Str("vu", vol.name).Str("active", candidate).Msg("hbmm: a standby in step is the active master")
+	return true
 }
 
 // handshake makes the masters in gaps cover this writer: the cache was
@@ -460,6 +588,9 @@ func (w *hbmmWriter) masterHosts() []string {
 		if t.Key == w.vol.name {
 			out = append(out, t.Host)
 		}
+	}
+	if w.sb != nil {
+		out = append(out, w.sb.Standbys()...)
 	}
 	return out
 }

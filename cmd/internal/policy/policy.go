@@ -58,9 +58,9 @@ type HBMMPolicy struct {
 	WritePolicy string `json:"write_policy,omitempty"`
 }
 
-// Write policies (the seed's replica write policies). Only "all" is
-// built: "active" (one active master synchronously, standbys brought up
-// to date asynchronously) is refused with a clear error until it is.
+// Write policies (the seed's replica write policies): "all", every master
+// acknowledges each bit-set; "active", one active master does and the
+// standbys are brought up to date asynchronously (shadowset.WriteActive).
 const (
 	WriteAll    = "all"
 	WriteActive = "active"
@@ -197,7 +197,7 @@ func ParseHBMMPolicy(s string) (PolicyRef, error) {
 			case WriteAll:
 				p.WritePolicy, sawWrite = WriteAll, true
 			case WriteActive:
-				return PolicyRef{}, fmt.Errorf("%w: %q: write_policy=active is not available yet; use write_policy=all (every master acknowledges each bit-set)", ErrPolicy, src)
+				p.WritePolicy, sawWrite = WriteActive, true
 			default:
 				return PolicyRef{}, fmt.Errorf("%w: %q: write_policy=%s: want all or active", ErrPolicy, src, v)
 			}

@@ -28,7 +28,7 @@ func TestParseHBMMPolicy(t *testing.T) {
 		"hbmm=(master_list=(a),count=7)", "hbmm=(master_list=(a,a))", "hbmm=(master_list=(a)", "hbmm=(master_list=((a)))",
 		"hbmm=(reset_threshold=-1,master_list=(a))", "hbmm=(master_list=(a),bogus=1)", "hbmm=(master_list=(a),count=1,count=2)",
 		"minicopy", "hbmm=bad-name!", "hbmm=(master_list=(a b))", "hbmm=(master_list=(a),write_policy=some)",
-		"hbmm=(master_list=(a),write_policy=all,write_policy=all)", "hbmm=(master_list=(a),write_policy=active)"} {
+		"hbmm=(master_list=(a),write_policy=all,write_policy=all)"} {
 		if _, err := ParseHBMMPolicy(in); !errors.Is(err, ErrPolicy) {
 			t.Errorf("%q: %v, want ErrPolicy", in, err)
 		}

@@ -5,10 +5,12 @@
 package report
 
 import (
+	"cmp"
 	"fmt"
 	"maps"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/shadow-project/shadow/cluster"
 )
@@ -68,6 +70,10 @@ type HBMMShow struct {
 	Candidates  []string `json:"candidates,omitempty"`
 	Gaps        []string `json:"gaps,omitempty"`
 	WritePolicy string   `json:"write_policy,omitempty"`
+	// Under write policy active, on a writer: its active master ("" while
+	// it has none: its chunks would need a full merge) and its standbys.
+	ActiveMaster string        `json:"active_master,omitempty"`
+	Standbys     []StandbyShow `json:"standbys,omitempty"`
 	// WriterChunks: on a master, the chunks set in its bitmap of each
 	// writer.
 	WriterChunks map[string]uint64 `json:"writer_chunks,omitempty"`
@@ -86,6 +92,22 @@ type HBMMShow struct {
 	ModifiedBlocks uint64 `json:"modified_blocks"`
 	ModifiedChunks uint64 `json:"modified_chunks"`
 	Resets         int    `json:"resets"`
+}
+
+// StandbyShow is one standby master's state under write policy active,
+// as its writer sees it (cmd/internal/standby).
+type StandbyShow struct {
+	Host string `json:"host"`
+	// State: in_step, behind, copying or unusable.
+	State string    `json:"state"`
+	Since time.Time `json:"since"`
+	// Copies of the active bitmap completed, and failed.
+	Copies       uint64 `json:"copies"`
+	CopyFailures uint64 `json:"copy_failures,omitempty"`
+	// Missed counts bit-sets it failed to acknowledge in time.
+	Missed      uint64 `json:"missed,omitempty"`
+	Outstanding int    `json:"outstanding,omitempty"`
+	LastError   string `json:"last_error,omitempty"`
 }
 
 // MinicopyShow is one absent member's minicopy bitmap.
@@ -247,9 +269,27 @@ func FormatShow(r ShowReport, full bool) string {
 			if s.HBMM.WritePolicy != "" && len(s.HBMM.Candidates) > 0 {
 				fmt.Fprintf(&b, "    Write policy: %s; candidates %s\n", s.HBMM.WritePolicy, strings.Join(s.HBMM.Candidates, ","))
 			}
+			active := s.HBMM.WritePolicy == "active"
 			for _, g := range s.HBMM.Gaps {
 				master, writer, _ := strings.Cut(g, ">")
+				if active {
+					fmt.Fprintf(&b, "    %s is a standby for %s (a minimerge counts only on its active master)\n", master, writer)
+					continue
+				}
 				fmt.Fprintf(&b, "    %s does not cover %s yet (handshake pending)\n", master, writer)
+			}
+			if active && len(s.HBMM.ActiveOn) > 1 {
+				fmt.Fprintf(&b, "    This host's active master: %s\n", cmp.Or(s.HBMM.ActiveMaster, "none (a failure of this host needs a full merge until its handshake)"))
+			}
+			for _, sb := range s.HBMM.Standbys {
+				fmt.Fprintf(&b, "    Standby %s: %s since %s, copies %d", sb.Host, sb.State, sb.Since.Format(time.TimeOnly), sb.Copies)
+				if sb.Missed > 0 {
+					fmt.Fprintf(&b, ", missed %d", sb.Missed)
+				}
+				if sb.CopyFailures > 0 {
+					fmt.Fprintf(&b, ", failed copies %d (%s)", sb.CopyFailures, sb.LastError)
+				}
+				b.WriteString("\n")
 			}
 			for _, w := range slices.Sorted(maps.Keys(s.HBMM.WriterChunks)) {
 				fmt.Fprintf(&b, "    Chunks set for writer %s on this master: %d\n", w, s.HBMM.WriterChunks[w])
