@@ -50,6 +50,8 @@ func hbmmPolicyText(t *testing.T, c *testCluster, on *cnode, set, policy string,
 
 // hbmmWrites is what a writer sent and had acknowledged, by chunk.
 type hbmmWrites struct {
+	// pace: each writer sleeps this long after each write (0: none).
+	pace  time.Duration
 	mu    sync.Mutex
 	sent  map[int64]bool
 	acked map[int64]bool
@@ -80,6 +82,7 @@ func (w *hbmmWrites) write(cl *nbdtest.Client, from, span int64, n, depth int, s
 					w.errs++
 				}
 				w.mu.Unlock()
+				time.Sleep(w.pace)
 			}
 		})
 	}

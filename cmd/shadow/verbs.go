@@ -28,6 +28,7 @@ import (
 	"github.com/shadow-project/shadow/cmd/internal/fence"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/metrics"
+	"github.com/shadow-project/shadow/cmd/internal/standby"
 	"github.com/shadow-project/shadow/cmd/internal/policy"
 	"github.com/shadow-project/shadow/cmd/internal/report"
 	"github.com/shadow-project/shadow/shadowset"
@@ -101,6 +102,7 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "on-no-quorum", Value: "suspend-io", Usage: "member I/O without a lease (quorum lost): suspend-io (wait, up to --no-quorum-timeout) or io-error"},
 			&cli.DurationFlag{Name: "no-quorum-timeout", Value: 60 * time.Second, Usage: "with suspend-io, how long I/O waits for quorum before it fails"},
 			&cli.BoolFlag{Name: "no-fencing", Hidden: true, Usage: "benchmarks only: no lease, no watchdog"},
+			&cli.DurationFlag{Name: "hbmm-standby-timeout", Value: standby.DefaultAckTimeout, Usage: "write policy active: a standby master that takes longer than this to acknowledge a bit-set is behind until it copies the active master's bitmap (keep it well under the lease)"},
 			&cli.StringFlag{Name: "metrics-listen", Usage: "loopback TCP address to serve Prometheus metrics on, at /metrics (empty: none)"},
 		},
 		Action: func(cc *cli.Context) error {
@@ -213,7 +215,10 @@ func clusterConfig(cc *cli.Context) (*agent.ClusterConfig, error) {
 		Timing: cluster.Timing{ProbeInterval: cc.Duration("probe-interval"), ProbeTimeout: cc.Duration("probe-timeout"),
 			SuspicionMult: cc.Int("suspicion-mult"), RaftHeartbeat: cc.Duration("raft-heartbeat")},
 		Lease:           cluster.LeaseConfig{Lease: cc.Duration("lease"), Watchdog: cc.Duration("watchdog")},
-		NoQuorumTimeout: cc.Duration("no-quorum-timeout")}
+		NoQuorumTimeout: cc.Duration("no-quorum-timeout"), StandbyTimeout: cc.Duration("hbmm-standby-timeout")}
+	if cfg.StandbyTimeout < 10*time.Millisecond {
+		return nil, fmt.Errorf("--hbmm-standby-timeout %v: at least 10ms", cfg.StandbyTimeout)
+	}
 	pol, err := fence.ParsePolicy(cc.String("on-no-quorum"))
 	if err != nil {
 		return nil, err

@@ -499,6 +499,9 @@ func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *report.SetShow
 		hs.ActiveMaster = sv.Active(a.host)
 		hs.Standbys = vol.hbw.sb.Show()
 	}
+	if vol.hbw != nil {
+		hs.Takeovers, hs.Handshakes = vol.hbw.takeovers.Load(), vol.hbw.handshakes.Load()
+	}
 	for _, g := range sv.Gaps {
 		hs.Gaps = append(hs.Gaps, g.Master+">"+g.Writer)
 	}

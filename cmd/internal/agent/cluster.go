@@ -41,6 +41,9 @@ type ClusterConfig struct {
 	Lease           cluster.LeaseConfig
 	OnNoQuorum      fence.Policy
 	NoQuorumTimeout time.Duration
+	// StandbyTimeout: under write policy active, how long a standby may
+	// take to acknowledge a bit-set before it is behind (0: the default).
+	StandbyTimeout time.Duration
 }
 
 // startCluster joins the cluster and declares this run's incarnation: its

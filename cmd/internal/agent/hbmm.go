@@ -84,6 +84,10 @@ type hbmmWriter struct {
 	candidate string
 	cancel    context.CancelFunc
 
+	// takeovers: standbys made active without a flush; handshakes: masters
+	// made to cover this writer by the handshake's flush.
+	takeovers, handshakes atomic.Uint64
+
 	bitSets, failures, retries atomic.Uint64
 	// waited sums the time writes spent in setOnce (every target's ack),
 	// in nanoseconds, over bitSets.
@@ -96,7 +100,7 @@ func newHBMMWriter(a *Agent, vol *volume) *hbmmWriter {
 	if a.clustered() {
 		var ctx context.Context
 		ctx, w.cancel = context.WithCancel(a.ctx)
-		w.sb = standby.New(a.mpool, vol.name, a.host, a.log.With().Str("vu", vol.name).Logger())
+		w.sb = standby.New(a.mpool, vol.name, a.host, a.cfg.Cluster.StandbyTimeout, a.log.With().Str("vu", vol.name).Logger())
 		a.wg.Go(func() { w.sb.Run(ctx, w.activeMaster) })
 	}
 	return w
@@ -441,6 +445,7 @@ func (a *Agent) confirmStandby(vol *volume, candidate string) bool {
 		a.log.Warn().Str("vu", vol.name).Err(err).Str("candidate", candidate).Msg("hbmm: standby's takeover not recorded")
 		return false
 	}
+	vol.hbw.takeovers.Add(1)
 	a.log.Info().Str("vu", vol.name).Str("active", candidate).Msg("hbmm: a standby in step is the active master")
 	return true
 }
@@ -467,6 +472,7 @@ func (a *Agent) handshake(vol *volume, gaps []string) {
 		a.log.Warn().Str("vu", vol.name).Err(err).Strs("masters", gaps).Msg("hbmm handshake not recorded")
 		return
 	}
+	w.handshakes.Add(1)
 	a.log.Info().Str("vu", vol.name).Strs("masters", gaps).Msg("hbmm handshake: covered by the new masters")
 }
 

@@ -222,9 +222,11 @@ func (p *Pool) call(ctx context.Context, host string, f *wire.Frame, want wire.K
 		}
 		if r.f.Err != "" {
 			p.failures.Add(1)
-			if strings.Contains(r.f.Err, ErrNotOpen.Error()) {
-				// (Frames carry text: the master's sentinel, recognised.)
-				return seq, r.f, fmt.Errorf("%w (%w): %s", ErrRefused, ErrNotOpen, r.f.Err)
+			// (Frames carry text: the master's sentinels, recognised.)
+			for _, known := range []error{ErrNotOpen, ErrNoWriter} {
+				if strings.Contains(r.f.Err, known.Error()) {
+					return seq, r.f, fmt.Errorf("%w (%w): %s", ErrRefused, known, r.f.Err)
+				}
 			}
 			return seq, r.f, fmt.Errorf("%w: %s", ErrRefused, r.f.Err)
 		}

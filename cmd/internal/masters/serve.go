@@ -176,7 +176,7 @@ func fetchReply(st *Store, f *wire.Frame) *wire.Frame {
 			// Not an empty bitmap: a dropped or never-seen writer must not
 			// pass for one that wrote nothing, or a merge would skip its
 			// chunks.
-			reply.Err = errText(fmt.Errorf("masters: no bitmap of writer %s in %s", f.Writer, f.Set))
+			reply.Err = errText(fmt.Errorf("%w %s in %s", ErrNoWriter, f.Writer, f.Set))
 		}
 		return reply
 	}

@@ -46,6 +46,9 @@ var (
 	// ErrStaleReset reports a reset overtaken by a later bit-set of the
 	// same writer: clearing now could drop that bit-set's chunks.
 	ErrStaleReset = errors.New("masters: reset overtaken by a later bit-set")
+	// ErrNoWriter reports a fetch of a writer this master keeps no bitmap
+	// of (it never sent a bit-set here, or was forgotten).
+	ErrNoWriter = errors.New("masters: no bitmap of writer")
 )
 
 // Store holds the master bitmaps of this host: one per (set, writer host),

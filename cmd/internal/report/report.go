@@ -74,6 +74,11 @@ type HBMMShow struct {
 	// it has none: its chunks would need a full merge) and its standbys.
 	ActiveMaster string        `json:"active_master,omitempty"`
 	Standbys     []StandbyShow `json:"standbys,omitempty"`
+	// On a writer: standbys it made its active master without a flush
+	// (they were in step), and masters it made cover it by the
+	// handshake's flush.
+	Takeovers  uint64 `json:"takeovers,omitempty"`
+	Handshakes uint64 `json:"handshakes,omitempty"`
 	// WriterChunks: on a master, the chunks set in its bitmap of each
 	// writer.
 	WriterChunks map[string]uint64 `json:"writer_chunks,omitempty"`
@@ -280,6 +285,9 @@ func FormatShow(r ShowReport, full bool) string {
 			}
 			if active && len(s.HBMM.ActiveOn) > 1 {
 				fmt.Fprintf(&b, "    This host's active master: %s\n", cmp.Or(s.HBMM.ActiveMaster, "none (a failure of this host needs a full merge until its handshake)"))
+			}
+			if s.HBMM.Takeovers+s.HBMM.Handshakes > 0 {
+				fmt.Fprintf(&b, "    Masters made to cover this host: %d by a standby in step, %d by handshake\n", s.HBMM.Takeovers, s.HBMM.Handshakes)
 			}
 			for _, sb := range s.HBMM.Standbys {
 				fmt.Fprintf(&b, "    Standby %s: %s since %s, copies %d", sb.Host, sb.State, sb.Since.Format(time.TimeOnly), sb.Copies)

@@ -17,6 +17,7 @@ package standby
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
@@ -25,6 +26,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/shadow-project/shadow/bitmap"
 	"github.com/shadow-project/shadow/bitmap/wire"
+	"github.com/shadow-project/shadow/cmd/internal/masters"
 	"github.com/shadow-project/shadow/cmd/internal/report"
 )
 
@@ -42,11 +44,11 @@ const (
 	Unusable = "unusable"
 )
 
-// AckTimeout is how long a standby may take to acknowledge an
+// DefaultAckTimeout is how long a standby may take to acknowledge an
 // asynchronous bit-set before it counts as behind. It is well under the
 // cluster's failure detection, so a standby that stalls (SIGSTOP, a long
 // pause) is behind long before it is failed.
-const AckTimeout = time.Second
+const DefaultAckTimeout = time.Second
 
 // MaxOutstanding bounds the bit-sets in flight to one standby: beyond it
 // the standby is behind (a copy catches it up) instead of holding memory.
@@ -81,6 +83,7 @@ type standby struct {
 type Tracker struct {
 	send        Sender
 	key, writer string
+	ackTimeout  time.Duration
 	log         zerolog.Logger
 
 	mu   sync.Mutex
@@ -89,9 +92,12 @@ type Tracker struct {
 }
 
 // New returns a tracker for writer's bitmaps in the masters' store entry
-// key (the set's name).
-func New(send Sender, key, writer string, log zerolog.Logger) *Tracker {
-	return &Tracker{send: send, key: key, writer: writer, log: log, sbs: map[string]*standby{}, kick: make(chan struct{}, 1)}
+// key (the set's name); ackTimeout 0: DefaultAckTimeout.
+func New(send Sender, key, writer string, ackTimeout time.Duration, log zerolog.Logger) *Tracker {
+	if ackTimeout <= 0 {
+		ackTimeout = DefaultAckTimeout
+	}
+	return &Tracker{send: send, key: key, writer: writer, ackTimeout: ackTimeout, log: log, sbs: map[string]*standby{}, kick: make(chan struct{}, 1)}
 }
 
 // SetStandbys makes hosts the standbys. A host that becomes one starts
@@ -150,7 +156,7 @@ func (t *Tracker) wake() {
 }
 
 // Send sends rs to every standby without waiting. The caller's context
-// bounds nothing: each send has its own AckTimeout.
+// bounds nothing: each send has its own ackTimeout.
 func (t *Tracker) Send(ctx context.Context, rs []wire.Range) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -167,7 +173,7 @@ func (t *Tracker) Send(ctx context.Context, rs []wire.Range) {
 		}
 		s.outstanding++
 		go func() {
-			sctx, cancel := context.WithTimeout(ctx, AckTimeout)
+			sctx, cancel := context.WithTimeout(ctx, t.ackTimeout)
 			_, err := t.send.BitSet(sctx, s.host, t.key, t.writer, rs)
 			cancel()
 			t.mu.Lock()
@@ -316,6 +322,12 @@ func (t *Tracker) copyBitmap(ctx context.Context, to, from string) error {
 	ctx, cancel := context.WithTimeout(ctx, copyTimeout)
 	defer cancel()
 	b, err := t.send.Fetch(ctx, from, t.key, t.writer)
+	if errors.Is(err, masters.ErrNoWriter) {
+		// The active master has no bitmap of this writer: it never
+		// acknowledged a bit-set of it (one it forgot would not be
+		// active), so there is nothing to copy.
+		return nil
+	}
 	if err != nil {
 		return err
 	}

@@ -99,7 +99,7 @@ func write(t *Tracker, f *fakeMasters, chunks ...uint64) {
 func TestStandbyCatchesUpAndStaysInStep(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFake("A", "B")
-		tr := New(f, "DSA1", "W", zerolog.Nop())
+		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		go tr.Run(ctx, func() string { return "A" })
@@ -127,7 +127,7 @@ func TestStandbyCatchesUpAndStaysInStep(t *testing.T) {
 func TestStalledStandbyIsBehindUntilItCopies(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFake("A", "B")
-		tr := New(f, "DSA1", "W", zerolog.Nop())
+		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		go tr.Run(ctx, func() string { return "A" })
@@ -136,7 +136,7 @@ func TestStalledStandbyIsBehindUntilItCopies(t *testing.T) {
 		// B stops answering (SIGSTOP): the writes go on, B falls behind.
 		f.set(f.stalled, "B", true)
 		write(tr, f, 10, 11)
-		time.Sleep(AckTimeout + time.Millisecond)
+		time.Sleep(DefaultAckTimeout + time.Millisecond)
 		synctest.Wait()
 		if got := state(tr, "B"); got == InStep {
 			t.Fatalf("a stalled standby that missed bit-sets is %s", got)
@@ -161,7 +161,7 @@ func TestStalledStandbyIsBehindUntilItCopies(t *testing.T) {
 func TestFailedCopyIsUnusableAndRetried(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFake("A", "B")
-		tr := New(f, "DSA1", "W", zerolog.Nop())
+		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		write(tr, f, 5)
@@ -184,7 +184,7 @@ func TestFailedCopyIsUnusableAndRetried(t *testing.T) {
 func TestNoActiveMasterNoCopy(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFake("A", "B")
-		tr := New(f, "DSA1", "W", zerolog.Nop())
+		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		go tr.Run(ctx, func() string { return "" })
@@ -203,7 +203,7 @@ func TestNoActiveMasterNoCopy(t *testing.T) {
 func TestDroppedStandbyKeepsItsStateForConfirm(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFake("A", "B", "C")
-		tr := New(f, "DSA1", "W", zerolog.Nop())
+		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		go tr.Run(ctx, func() string { return "A" })
@@ -229,7 +229,7 @@ func TestDroppedStandbyKeepsItsStateForConfirm(t *testing.T) {
 func TestOverflowMakesBehind(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFake("A", "B")
-		tr := New(f, "DSA1", "W", zerolog.Nop())
+		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		go tr.Run(ctx, func() string { return "" })
