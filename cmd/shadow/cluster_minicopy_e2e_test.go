@@ -19,8 +19,9 @@ import (
 // same way, writes, returns it on R while H keeps writing (so H's engine
 // runs at its min rate), and SIGKILLs H mid-minicopy: the op continues as
 // a full copy on a survivor. The members end identical both times. Last,
-// one survivor expels a member: the other's writes go on, and the member
-// comes back by full copy.
+// one survivor expels a member: the other's writes go on, every host's
+// chunks not yet flushed reach the automatic minicopy bitmap, and the
+// member comes back by minicopy.
 func TestClusterE2EMinicopyAcrossHosts(t *testing.T) {
 	requireTools(t, "fio")
 	const size = 64 << 20
@@ -122,20 +123,64 @@ func TestClusterE2EMinicopyAcrossHosts(t *testing.T) {
 			}
 			c.waitIdleEverywhere("DSA1", 2*time.Minute)
 
-			// An expulsion on one host (the core keeps an automatic
-			// minicopy bitmap there, which a cluster does not fill): the
-			// other host's writes go on without error, and the member
-			// comes back by full copy.
+			// An expulsion on one host: both hosts wrote just before (their
+			// chunks not yet flushed go to the expelling host's automatic
+			// minicopy bitmap), the other host's writes go on without
+			// error, and the member comes back by minicopy: at least every
+			// chunk written after the expulsion.
 			gone := ms[rand.IntN(3)]
+			pre := &hbmmWrites{sent: map[int64]bool{}, acked: map[int64]bool{}}
+			pre.write(dialFence(t, w, "DSA1"), 0, size, 50, 4, &never)
+			pre.write(dialFence(t, r, "DSA1"), 0, size, 50, 4, &never)
 			w.mustCLI("set", "DSA1", "--force-removal", gone)
 			writes = &hbmmWrites{sent: map[int64]bool{}, acked: map[int64]bool{}}
 			writes.write(dialFence(t, r, "DSA1"), 0, size, 200, 4, &never)
 			if writes.errs != 0 {
 				t.Fatalf("%d of %s's writes failed after %s expelled %s", writes.errs, r.name, w.name, gone)
 			}
-			out = r.mustCLI("mount", "DSA1", "--member", gone)
-			if !strings.Contains(out, "full copy") {
-				t.Errorf("the expelled member came back on %s without a full copy:\n%s", r.name, out)
+			before = completedKinds(t, w, "DSA1")
+			waitFor(t, 40*time.Second, w.name+"'s automatic minicopy bitmap has every host's chunks not yet flushed", func() (bool, string) {
+				rep, err := w.tryShow()
+				if err != nil {
+					return false, err.Error()
+				}
+				s, _ := setOf(rep, "DSA1")
+				for _, m := range s.Minicopy {
+					if m.Member == gone {
+						return m.Automatic && len(m.Gathering) == 0, fmt.Sprintf("%+v", m)
+					}
+				}
+				return false, fmt.Sprintf("no minicopy bitmap of %s: %+v", gone, s.Minicopy)
+			})
+			out = r.mustCLI("mount", "DSA1", "--member", gone, "--policy", "minicopy")
+			if strings.Contains(out, "full copy") {
+				t.Errorf("the expelled member came back on %s by full copy:\n%s", r.name, out)
+			}
+			var auto uint64
+			waitFor(t, time.Minute, "the expelled member's minicopy completed on "+w.name, func() (bool, string) {
+				rep, err := w.tryShow()
+				if err != nil {
+					return false, err.Error()
+				}
+				s, _ := setOf(rep, "DSA1")
+				for _, wk := range s.Completed {
+					if _, old := before[wk.ID]; !old && strings.HasSuffix(wk.Kind, "copy") {
+						auto = wk.BitmapChunks
+						return wk.Kind == "minicopy", "completed as a " + wk.Kind
+					}
+				}
+				return false, fmt.Sprintf("ops %+v", s.Ops)
+			})
+			covered := 0
+			for ch := range pre.acked {
+				if !writes.acked[ch] {
+					covered++
+				}
+			}
+			t.Logf("round %d: %s expelled %s; %s wrote %d chunks after; the minicopy copied %d chunks (those plus at most %d written just before, not yet flushed)",
+				round, w.name, gone, r.name, len(writes.acked), auto, covered)
+			if int(auto) < len(writes.acked) {
+				t.Errorf("the expelled member's minicopy copied %d chunks; %s wrote %d distinct chunks after the expulsion", auto, r.name, len(writes.acked))
 			}
 			c.waitIdleEverywhere("DSA1", 2*time.Minute)
 			w.mustCLI("dismount", "DSA1")

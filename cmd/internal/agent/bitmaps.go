@@ -38,6 +38,10 @@ type minicopyBitmap struct {
 	bm  *bitmap.Bitmap
 	// automatic: made when the member was expelled after an I/O error.
 	automatic bool
+	// pending, for an automatic bitmap in a cluster: the hosts whose
+	// chunks not yet flushed have not arrived (automatic.go); the bitmap
+	// is usable once none is left. Guarded by bitmaps.mu.
+	pending []string
 	// remoteKey, in a cluster, names the master store entry where the
 	// other hosts that mount the set record their writes while the member
 	// is away (minicopyKey); the minicopy covers bm and every writer's
@@ -144,6 +148,13 @@ func (b *bitmaps) endWork(id shadowset.OpID, completed bool) {
 	}
 }
 
+// gathering lists the hosts an automatic bitmap still waits for.
+func (b *bitmaps) gathering(mc *minicopyBitmap) []string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return slices.Clone(mc.pending)
+}
+
 // minicopyFor returns the member's minicopy bitmap, if any.
 func (b *bitmaps) minicopyFor(path string) *minicopyBitmap {
 	b.mu.Lock()
@@ -181,6 +192,7 @@ func (b *bitmaps) keepMinicopy(mc *minicopyBitmap, seed func() *bitmap.Bitmap) e
 func (b *bitmaps) dropMinicopy(path string) {
 	if mc := b.forgetMinicopy(path); mc != nil && mc.remoteKey != "" && b.closeRemote != nil {
 		b.closeRemote(mc.remoteKey)
+		b.closeRemote(gatherKey(mc.remoteKey))
 	}
 }
 
@@ -466,7 +478,7 @@ func (a *Agent) showBitmaps(vol *volume, sv shadowset.SetView, s *report.SetShow
 	s.Minicopy = []report.MinicopyShow{}
 	for _, p := range sortedKeys(bm.minicopy) {
 		mc := bm.minicopy[p]
-		ms := report.MinicopyShow{Member: p, Chunks: mc.bm.Count(), Automatic: mc.automatic}
+		ms := report.MinicopyShow{Member: p, Chunks: mc.bm.Count(), Automatic: mc.automatic, Gathering: slices.Clone(mc.pending)}
 		if mc.remoteKey != "" {
 			for w, n := range a.mstore.Writers(mc.remoteKey) {
 				if !strings.HasPrefix(w, "@") { // (the proof is no writer)

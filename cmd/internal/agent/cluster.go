@@ -116,8 +116,12 @@ func (a *Agent) applyCluster(ev shadowset.Event, origin string, rd shadowset.Rea
 	a.apply(rd)
 	if origin != a.host {
 		switch ev.Kind {
-		case shadowset.EvIOError, shadowset.EvRemoveMember:
-			a.deferred.Do(func(bool) { a.remoteRemoved(ev.Set, ev.Member, ev.Kind == shadowset.EvRemoveMember && ev.Minicopy) })
+		case shadowset.EvRemoveMember:
+			a.deferred.Do(func(bool) { a.remoteRemoved(ev.Set, ev.Member, ev.Minicopy, "") })
+		case shadowset.EvIOError:
+			// The expelling host keeps the automatic minicopy bitmap:
+			// this host's chunks not yet flushed to the member go there.
+			a.deferred.Do(func(bool) { a.remoteRemoved(ev.Set, ev.Member, true, origin) })
 		case shadowset.EvAddMember:
 			a.deferred.Do(func(queued bool) { a.remoteAdded(ev.Set, ev.Member, !queued) })
 		}
@@ -149,7 +153,12 @@ func (a *Agent) detachHBMM(vol *volume) {
 // this host's bit-sets (syncHBMM); the cache of known-set chunks is
 // emptied again with no write in flight, so that every write the member
 // misses from here on records its chunks there first.
-func (a *Agent) remoteRemoved(set, path string, minicopy bool) {
+//
+// gatherTo names the host that expelled the member after an I/O error:
+// the chunks this host had not flushed when the member left its I/O path
+// may be missing from the member, and go to that host's automatic
+// minicopy bitmap (gatherUnflushed).
+func (a *Agent) remoteRemoved(set, path string, minicopy bool, gatherTo string) {
 	vol, err := a.volume(set)
 	if err != nil {
 		return // not mounted here
@@ -161,9 +170,15 @@ func (a *Agent) remoteRemoved(set, path string, minicopy bool) {
 	if !ok {
 		return
 	}
+	var unflushed *bitmap.Bitmap
 	if minicopy {
 		vol.quiesce(func() {
 			vol.bm.tracker.Invalidate()
+			if gatherTo != "" {
+				// (With no write in flight and before any later flush,
+				// which would no longer reach the member.)
+				unflushed = vol.bm.sinceFlush.Snapshot()
+			}
 			err = vol.vu.RemoveMember(path)
 		})
 	} else {
@@ -174,6 +189,11 @@ func (a *Agent) remoteRemoved(set, path string, minicopy bool) {
 	}
 	vol.retire(m.dev)
 	a.log.Warn().Str("vu", set).Str("member", path).Msg("member removed by another host")
+	if unflushed != nil && err == nil {
+		// Not on the apply path (this may run under the log's lock, and
+		// the stream to the holder may need the log to be dialed).
+		a.wg.Go(func() { a.gatherUnflushed(vol, path, gatherTo, unflushed) })
+	}
 }
 
 // remoteAdded opens a member another host added, so that this host's
@@ -468,7 +488,7 @@ func (a *Agent) mountJoin(args MountArgs, sv shadowset.SetView) (res *MountResul
 		}
 		for _, mv := range sv.Members {
 			if !slices.ContainsFunc(now.Members, func(o shadowset.MemberView) bool { return o.Name == mv.Name }) {
-				a.remoteRemoved(args.Set, mv.Name, true)
+				a.remoteRemoved(args.Set, mv.Name, true, "")
 			}
 		}
 	}

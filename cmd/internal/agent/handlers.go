@@ -426,10 +426,11 @@ func (a *Agent) setVerb(args SetArgs) error {
 		return nil
 	case args.ForceRemoval != "":
 		p, _ := filepath.Abs(args.ForceRemoval)
+		_, role, _ := vol.vu.Device(p)
 		if err := vol.vu.RemoveMember(p); err != nil {
 			return err
 		}
-		return a.expel(vol, p, errors.New("forced removal by the operator"))
+		return a.expelRole(vol, p, role, errors.New("forced removal by the operator"))
 	}
 	return errors.New("set: nothing to do") // Check refused this already
 }

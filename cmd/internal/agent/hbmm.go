@@ -741,13 +741,15 @@ func (a *Agent) remoteMinicopy(vol *volume, target string, work *bitmap.Bitmap) 
 	if mc == nil || mc.remoteKey == "" {
 		return nil
 	}
-	for writer := range a.mstore.Writers(mc.remoteKey) {
-		b, ok := a.mstore.Snapshot(mc.remoteKey, writer)
-		if !ok {
-			continue
-		}
-		if err := work.Or(b); err != nil {
-			return fmt.Errorf("minicopy of %s: %s's chunks: %w", target, writer, err)
+	for _, key := range []string{mc.remoteKey, gatherKey(mc.remoteKey)} {
+		for writer := range a.mstore.Writers(key) {
+			b, ok := a.mstore.Snapshot(key, writer)
+			if !ok {
+				continue
+			}
+			if err := work.Or(b); err != nil {
+				return fmt.Errorf("minicopy of %s: %s's chunks: %w", target, writer, err)
+			}
 		}
 	}
 	return nil

@@ -685,6 +685,8 @@ func (a *Agent) addMember(vol *volume, args MountArgs) (*MountResult, error) {
 		why = "no minicopy bitmap is kept for it"
 	case p.md == nil || p.md.SetUUID != vol.md.SetUUID || p.md.MemberUUID != mc.uuid:
 		why = "it is not the member that left"
+	case len(vol.bm.gathering(mc)) > 0:
+		why = fmt.Sprintf("the chunks %s had not flushed to it when it was expelled have not all arrived", strings.Join(vol.bm.gathering(mc), ","))
 	case p.md.Generation != mc.gen:
 		why = fmt.Sprintf("it was written outside the set (generation %s, it left at %s)", p.md.Generation, mc.gen)
 	}
@@ -971,6 +973,13 @@ func (vol *volume) cleaner(a *Agent) {
 // through the log to the core, then is made durable on the survivors'
 // metadata, all before the failing request is acknowledged.
 func (a *Agent) expel(vol *volume, path string, cause error) error {
+	_, role, _ := vol.vu.Device(path)
+	return a.expelRole(vol, path, role, cause)
+}
+
+// expelRole is expel for a member whose role in the VU was role (the
+// operator's forced removal takes it out of the VU first).
+func (a *Agent) expelRole(vol *volume, path string, role vu.Role, cause error) error {
 	vol.expelMu.Lock()
 	defer vol.expelMu.Unlock()
 	vol.mdMu.Lock()
@@ -979,12 +988,28 @@ func (a *Agent) expel(vol *volume, path string, cause error) error {
 	if !present {
 		return nil // a concurrent request expelled it already
 	}
-	_, role, _ := vol.vu.Device(path)
 	vol.mdMu.Lock()
 	gen := vol.md.Generation
-	uuid := vol.members[path].uuid
+	uuid, dev := vol.members[path].uuid, vol.members[path].dev
 	vol.mdMu.Unlock()
+	if a.clustered() && role == vu.Full {
+		// The generation the member carries is the one the set's
+		// metadata writer (maybe another host) last gave it; if it cannot
+		// be read, this host's is the guess (a wrong one costs a full
+		// copy, never a wrong minicopy).
+		if md, _, err := meta.Read(dev); err == nil && md.MemberUUID == uuid {
+			gen = md.Generation
+		}
+	}
+	// In a cluster the automatic minicopy bitmap's store entries exist
+	// before any host applies the expulsion (as for a removal: see
+	// dismountMember), so that no host finds them missing.
+	remoteKey := ""
+	if role == vu.Full && a.clustered() {
+		remoteKey = a.openAutomaticMinicopy(vol, path)
+	}
 	if err := a.elog.Append(shadowset.Event{Kind: shadowset.EvIOError, Set: vol.name, Member: path, Host: a.host}); err != nil {
+		a.closeAutomaticMinicopy(remoteKey)
 		return err
 	}
 	if a.clustered() {
@@ -999,8 +1024,12 @@ func (a *Agent) expel(vol *volume, path string, cause error) error {
 		}
 		cancel()
 		if err != nil {
+			a.closeAutomaticMinicopy(remoteKey)
 			return fmt.Errorf("expel %s: %w", path, err)
 		}
+	}
+	if remoteKey != "" {
+		a.keepAutomaticMinicopy(vol, path, uuid, gen, remoteKey)
 	}
 	if role == vu.Full && !a.clustered() {
 		// The automatic minicopy bitmap: every chunk written since the

@@ -120,6 +120,9 @@ type MinicopyShow struct {
 	Member    string `json:"member"`
 	Chunks    uint64 `json:"chunks"`
 	Automatic bool   `json:"automatic"`
+	// Gathering: in a cluster, the hosts whose chunks not yet flushed to
+	// an expelled member have not reached its automatic bitmap yet.
+	Gathering []string `json:"gathering,omitempty"`
 	// Writers: in a cluster, the chunks each other host that mounts the
 	// set recorded here while the member is away (Chunks is this host's).
 	Writers map[string]uint64 `json:"writers,omitempty"`

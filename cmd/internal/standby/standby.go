@@ -331,45 +331,12 @@ func (t *Tracker) copyBitmap(ctx context.Context, to, from string) error {
 	if err != nil {
 		return err
 	}
-	var batch []wire.Range
-	flush := func() error {
-		if len(batch) == 0 {
-			return nil
-		}
-		_, err := t.send.BitSet(ctx, to, t.key, t.writer, batch)
-		batch = batch[:0]
-		return err
-	}
-	for r := range Ranges(b) {
-		batch = append(batch, r)
-		if len(batch) == wire.MaxRanges {
-			if err := flush(); err != nil {
-				return err
-			}
+	for batch := range masters.Batches(b, wire.MaxRanges) {
+		if _, err := t.send.BitSet(ctx, to, t.key, t.writer, batch); err != nil {
+			return err
 		}
 	}
-	return flush()
-}
-
-// Ranges yields b's chunks as maximal runs.
-func Ranges(b *bitmap.Bitmap) func(yield func(wire.Range) bool) {
-	return func(yield func(wire.Range) bool) {
-		var cur wire.Range
-		open := false
-		for c := range b.Chunks() {
-			if open && c == cur.Last+1 {
-				cur.Last = c
-				continue
-			}
-			if open && !yield(cur) {
-				return
-			}
-			cur, open = wire.Range{First: c, Last: c}, true
-		}
-		if open {
-			yield(cur)
-		}
-	}
+	return nil
 }
 
 // Show is every current standby's state, by host.

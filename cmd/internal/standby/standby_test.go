@@ -252,18 +252,3 @@ func TestOverflowMakesBehind(t *testing.T) {
 	})
 }
 
-func TestRanges(t *testing.T) {
-	b, _ := bitmap.New(4096)
-	for _, c := range []uint64{0, 1, 2, 5, 9, 10} {
-		b.Add(c)
-	}
-	got := slices.Collect(Ranges(b))
-	want := []wire.Range{{First: 0, Last: 2}, {First: 5, Last: 5}, {First: 9, Last: 10}}
-	if !slices.Equal(got, want) {
-		t.Fatalf("Ranges = %v, want %v", got, want)
-	}
-	empty, _ := bitmap.New(4096)
-	if n := len(slices.Collect(Ranges(empty))); n != 0 {
-		t.Fatalf("an empty bitmap gave %d ranges", n)
-	}
-}
