@@ -28,9 +28,9 @@ import (
 	"github.com/shadow-project/shadow/cmd/internal/fence"
 	"github.com/shadow-project/shadow/cmd/internal/meta"
 	"github.com/shadow-project/shadow/cmd/internal/metrics"
-	"github.com/shadow-project/shadow/cmd/internal/standby"
 	"github.com/shadow-project/shadow/cmd/internal/policy"
 	"github.com/shadow-project/shadow/cmd/internal/report"
+	"github.com/shadow-project/shadow/cmd/internal/standby"
 	"github.com/shadow-project/shadow/shadowset"
 	"github.com/shadow-project/shadow/shadowset/replay"
 )

@@ -251,4 +251,3 @@ func TestOverflowMakesBehind(t *testing.T) {
 		synctest.Wait()
 	})
 }
-
