@@ -81,6 +81,11 @@ type Agent struct {
 	runs map[shadowset.OpID]*run
 	wg   sync.WaitGroup
 
+	// The status page's formatted events (status.go).
+	statusMu    sync.Mutex
+	statusLen   int
+	statusLines []string
+
 	policies policy.Store
 	// mstore holds the master bitmaps this host keeps, one per (set,
 	// writer); mpool the bit-set streams to other masters (nil on one

@@ -37,6 +37,7 @@ type Metrics struct {
 	// byCommand caches each command's observers, so that an observation
 	// costs no label lookup.
 	byCommand map[string]commandObservers
+	status    statusHandler
 }
 
 type commandObservers struct {
@@ -91,6 +92,7 @@ func (m *Metrics) ObserveNBD(command string, seconds float64, failed bool) {
 // scrape. Call it once.
 func (m *Metrics) SetSource(src Source) {
 	m.reg.MustRegister(newShowCollector(src))
+	m.status.src.Store(&src)
 }
 
 // Registry is the registry, for tests and for other handlers.
@@ -116,10 +118,13 @@ func Listen(addr string) (net.Listener, error) {
 	return ln, nil
 }
 
-// Serve serves /metrics on ln until the server is closed.
+// Serve serves /metrics, the status page (/) and its data (/status.json)
+// on ln until the server is closed.
 func (m *Metrics) Serve(ln net.Listener) *http.Server {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
+	mux.HandleFunc("/status.json", m.status.json)
+	mux.HandleFunc("/", m.status.page)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	return srv
