@@ -77,6 +77,16 @@ func (f *fakeMasters) chunks(host string) []uint64 {
 	return slices.Collect(f.bms[host].Chunks())
 }
 
+// start runs a tracker of writer W in DSA1 over masters hosts, copying
+// from active ("" none), until cancel.
+func start(active string, hosts ...string) (*fakeMasters, *Tracker, context.Context, context.CancelFunc) {
+	f := newFake(hosts...)
+	tr := New(f, "DSA1", "W", 0, zerolog.Nop())
+	ctx, cancel := context.WithCancel(context.Background())
+	go tr.Run(ctx, func() string { return active })
+	return f, tr, ctx, cancel
+}
+
 func state(t *Tracker, host string) string {
 	for _, s := range t.Show() {
 		if s.Host == host {
@@ -98,11 +108,8 @@ func write(t *Tracker, f *fakeMasters, chunks ...uint64) {
 
 func TestStandbyCatchesUpAndStaysInStep(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFake("A", "B")
-		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
-		ctx, cancel := context.WithCancel(context.Background())
+		f, tr, ctx, cancel := start("A", "A", "B")
 		defer cancel()
-		go tr.Run(ctx, func() string { return "A" })
 		// Chunks acknowledged before B became a standby reach it by copy.
 		write(tr, f, 1, 2, 3)
 		tr.SetStandbys([]string{"B"})
@@ -126,11 +133,8 @@ func TestStandbyCatchesUpAndStaysInStep(t *testing.T) {
 
 func TestStalledStandbyIsBehindUntilItCopies(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFake("A", "B")
-		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
-		ctx, cancel := context.WithCancel(context.Background())
+		f, tr, ctx, cancel := start("A", "A", "B")
 		defer cancel()
-		go tr.Run(ctx, func() string { return "A" })
 		tr.SetStandbys([]string{"B"})
 		synctest.Wait()
 		// B stops answering (SIGSTOP): the writes go on, B falls behind.
@@ -160,13 +164,11 @@ func TestStalledStandbyIsBehindUntilItCopies(t *testing.T) {
 
 func TestFailedCopyIsUnusableAndRetried(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFake("A", "B")
-		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
-		ctx, cancel := context.WithCancel(context.Background())
+		f, tr, _, cancel := start("A", "A", "B")
 		defer cancel()
+		// (Nothing is due before SetStandbys: Run waits.)
 		write(tr, f, 5)
 		f.set(f.broken, "A", true) // the fetch from the active master fails
-		go tr.Run(ctx, func() string { return "A" })
 		tr.SetStandbys([]string{"B"})
 		synctest.Wait()
 		if got := state(tr, "B"); got != Unusable {
@@ -183,11 +185,8 @@ func TestFailedCopyIsUnusableAndRetried(t *testing.T) {
 
 func TestNoActiveMasterNoCopy(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFake("A", "B")
-		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
-		ctx, cancel := context.WithCancel(context.Background())
+		f, tr, _, cancel := start("", "A", "B")
 		defer cancel()
-		go tr.Run(ctx, func() string { return "" })
 		tr.SetStandbys([]string{"B"})
 		time.Sleep(3 * retryDelay)
 		synctest.Wait()
@@ -202,11 +201,8 @@ func TestNoActiveMasterNoCopy(t *testing.T) {
 
 func TestDroppedStandbyKeepsItsStateForConfirm(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFake("A", "B", "C")
-		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
-		ctx, cancel := context.WithCancel(context.Background())
+		_, tr, ctx, cancel := start("A", "A", "B", "C")
 		defer cancel()
-		go tr.Run(ctx, func() string { return "A" })
 		tr.SetStandbys([]string{"B", "C"})
 		synctest.Wait()
 		// A fails; B becomes the candidate: no longer a standby, still
@@ -228,11 +224,8 @@ func TestDroppedStandbyKeepsItsStateForConfirm(t *testing.T) {
 
 func TestOverflowMakesBehind(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFake("A", "B")
-		tr := New(f, "DSA1", "W", 0, zerolog.Nop())
-		ctx, cancel := context.WithCancel(context.Background())
+		f, tr, ctx, cancel := start("", "A", "B")
 		defer cancel()
-		go tr.Run(ctx, func() string { return "" })
 		tr.SetStandbys([]string{"B"})
 		tr.mu.Lock()
 		tr.sbs["B"].state = InStep
